@@ -1,0 +1,135 @@
+"""IPX Apply: patch a clone of the model's 16 cross-attention layers with the adapter's decoupled attention."""
+import comfy.ldm.modules.attention
+import comfy.patcher_extension
+from comfy_api.latest import io
+
+from ..ipadapter_core import SD15_LAYERS, DecoupledCrossAttention, ImagePrompt
+from ..ipadapter_core.embeds import ImageEmbeds, check_embeds_for
+from ..ipadapter_core.errors import ModelMismatchError
+from ..ipadapter_core.layers import SD15_CROSS_ATTENTION_DIM
+from .encoding import encode_images
+from .types import CATEGORY, AdapterSocket, EmbedsSocket, LoadedAdapter
+
+WRAPPER_KEY = "ipx_ipadapter"
+
+
+def host_attention(q, k, v, heads, attn_precision=None, transformer_options=None):
+    """The host's optimized attention, looked up at call time so backend switches and overrides are honoured."""
+    return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=attn_precision,
+                                                            transformer_options=transformer_options)
+
+
+def check_model(model, adapter: LoadedAdapter) -> None:
+    config = getattr(model.model, "model_config", None)
+    unet_config = getattr(config, "unet_config", {}) or {}
+    context_dim = unet_config.get("context_dim")
+    name = type(config).__name__ if config is not None else type(model.model).__name__
+    if context_dim != SD15_CROSS_ATTENTION_DIM or unet_config.get("adm_in_channels"):
+        raise ModelMismatchError(f"{adapter.name} is an SD1.5 adapter (cross-attention width "
+                                 f"{SD15_CROSS_ATTENTION_DIM}); the model is {name} (cross-attention width "
+                                 f"{context_dim}). Use an SD1.5 checkpoint, or an adapter made for this model")
+
+
+def sigma_range(model, start_at: float, end_at: float):
+    """(sigma_start, sigma_end) for the host's percent convention, or None when the prompt acts on every step."""
+    if not 0.0 <= start_at <= end_at <= 1.0:
+        raise ValueError(f"start_at ({start_at}) and end_at ({end_at}) must satisfy 0 <= start_at <= end_at <= 1")
+    if start_at <= 0.0 and end_at >= 1.0:
+        return None
+    sampling = model.get_model_object("model_sampling")
+    return (sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at))
+
+
+def clear_caches_after_run(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: the image keys/values cached during a run are dropped when it ends."""
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        options = executor.class_obj.model_options.get("transformer_options", {})
+        for patch in options.get("patches_replace", {}).get("attn2", {}).values():
+            if isinstance(patch, DecoupledCrossAttention):
+                patch.clear_cache()
+
+
+def apply_adapter(model, adapter: LoadedAdapter, embeds: ImageEmbeds, weight: float, start_at: float = 0.0,
+                  end_at: float = 1.0):
+    """A clone of ``model`` whose cross-attention layers add this image prompt; ``model`` itself is untouched."""
+    check_model(model, adapter)
+    check_embeds_for(adapter.spec, embeds)
+    patched = model.clone()
+    prompt = ImagePrompt(adapter.module, embeds.cond, embeds.uncond, weight, sigma_range(patched, start_at, end_at))
+    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    for layer in SD15_LAYERS:
+        current = existing.get(layer.host_key, existing.get(layer.host_key[:2]))
+        if isinstance(current, DecoupledCrossAttention):
+            patch = current.stacked(prompt, models=[adapter.patcher])
+        else:
+            patch = DecoupledCrossAttention(layer, [prompt], host_attention, previous=current,
+                                            models=[adapter.patcher])
+        patched.set_model_attn2_replace(patch, *layer.host_key)
+    wrappers = comfy.patcher_extension.get_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
+                                                             WRAPPER_KEY, patched.model_options, is_model_options=True)
+    if not wrappers:
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                     clear_caches_after_run)
+    return patched
+
+
+def weight_inputs():
+    return [
+        io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
+                       tooltip="Strength of the image prompt: the image attention's output is multiplied by it before "
+                               "it is added to the text attention's. 0 = plain model, 1 = as trained."),
+        io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the sampling schedule at which the image prompt starts acting (0 = first "
+                               "step). Uses the host's percent-to-sigma convention, like ControlNet's start."),
+        io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the sampling schedule after which the image prompt stops acting (1 = "
+                               "last step)."),
+    ]
+
+
+class ApplyAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IPXApplyAdapter",
+            display_name="IPX Apply IP-Adapter",
+            category=CATEGORY,
+            description="Returns a copy of the model whose 16 cross-attention layers (middle block included) compute "
+                        "attn(q, K_text, V_text) + weight * attn(q, to_k_ip(image tokens), to_v_ip(image tokens)). "
+                        "Applying it again on the result stacks another adapter.",
+            inputs=[io.Model.Input("model", tooltip="An SD1.5 model; it is not modified."),
+                    AdapterSocket.Input("adapter", tooltip="From IPX Load IP-Adapter."),
+                    EmbedsSocket.Input("embeds", tooltip="From IPX Encode Reference Image, made for this adapter."),
+                    *weight_inputs()],
+            outputs=[io.Model.Output(tooltip="The patched copy of the model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter, embeds, weight, start_at, end_at):
+        return io.NodeOutput(apply_adapter(model, adapter, embeds, weight, start_at, end_at))
+
+
+class ApplyAdapterImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IPXApplyAdapterImage",
+            display_name="IPX Apply IP-Adapter (image)",
+            category=CATEGORY,
+            description="Encode Reference Image and Apply IP-Adapter in one node.",
+            inputs=[io.Model.Input("model", tooltip="An SD1.5 model; it is not modified."),
+                    AdapterSocket.Input("adapter", tooltip="From IPX Load IP-Adapter."),
+                    io.ClipVision.Input("clip_vision", tooltip="CLIP vision encoder; ViT-H/14 for SD1.5 adapters "
+                                                               "(ViT-bigG/14 for *_vit-G)."),
+                    io.Image.Input("image", tooltip="One or more reference images, any size; each is resized and "
+                                                    "centre-cropped to 224x224. Several images form one prompt."),
+                    *weight_inputs()],
+            outputs=[io.Model.Output(tooltip="The patched copy of the model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter, clip_vision, image, weight, start_at, end_at):
+        embeds = encode_images(clip_vision, image, adapter)
+        return io.NodeOutput(apply_adapter(model, adapter, embeds, weight, start_at, end_at))
