@@ -1,0 +1,1 @@
+"""Developer tools around the pack: finding the ComfyUI host, building random-weight stand-in models."""
