@@ -87,12 +87,14 @@ class ImagePrompt:
         return kv
 
     def gate(self, sigmas, dtype):
-        """None when always active; else a (batch, 1, 1) tensor of 0/1 computed on the device, once per UNet call."""
+        """None when always active; else a 0/1 tensor computed on the device, once per UNet call."""
         if self.sigma_range is None or sigmas is None:
             return None
         if self._gate_for is not sigmas:
+            # The host passes one sigma per latent (not per cond/uncond chunk) and, like its own ControlNet and
+            # conditioning ranges, decides on the first: a (1, 1, 1) gate that broadcasts over the whole batch.
             start, end = self.sigma_range
-            s = sigmas.reshape(-1, 1, 1)
+            s = sigmas.reshape(-1)[:1].reshape(1, 1, 1)
             self._gate = ((s <= start) & (s >= end)).to(dtype)
             self._gate_for = sigmas
         return self._gate

@@ -29,17 +29,17 @@ def pytest_report_header(config):
     return host_banner()
 
 
-def _ring(item_or_report) -> str:
-    parts = Path(str(item_or_report.fspath if hasattr(item_or_report, "fspath") else item_or_report)).parts
-    return parts[parts.index("tests") + 1] if "tests" in parts else ""
+def _ring(report) -> str:
+    parts = Path(report.nodeid.split("::")[0]).parts
+    return next((part for part in parts if part in HOST_RINGS), "")
 
 
 def pytest_terminal_summary(terminalreporter):
     counts = {ring: {"passed": 0, "failed": 0, "skipped": 0} for ring in HOST_RINGS}
     for outcome in ("passed", "failed", "skipped", "error"):
         for report in terminalreporter.stats.get(outcome, []):
-            ring = _ring(getattr(report, "fspath", "") or report.nodeid.split("::")[0])
-            if ring in counts:
+            ring = _ring(report)
+            if ring and (outcome != "passed" or getattr(report, "when", None) == "call"):
                 counts[ring]["failed" if outcome == "error" else outcome] += 1
     terminalreporter.write_sep("=", "ComfyUI host tests")
     terminalreporter.write_line(host_banner())
