@@ -18,12 +18,23 @@ from torch.nn import functional as F
 from .layers import CrossAttentionLayer
 
 
-def sdpa_attention(q, k, v, heads, attn_precision=None, transformer_options=None, **kwargs):
-    """Multi-head attention on (batch, tokens, heads * dim_head) tensors, the layout the host's attention takes."""
+def sdpa_attention(q, k, v, heads, attn_precision=None, skip_output_reshape=False, transformer_options=None,
+                   **kwargs):
+    """Multi-head attention on (batch, tokens, heads * dim_head) inputs, as the host's attention functions take them;
+    with ``skip_output_reshape`` the output stays (batch, heads, tokens, dim_head)."""
     b, _, inner = q.shape
     q, k, v = (t.reshape(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, -1, inner)
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(b, -1, inner)
+
+
+def heads_first(out, batch, tokens, heads):
+    """An attention output as (batch, heads, tokens, dim_head), a view where the layout allows. It may come as
+    (rows, heads, rows_tokens, dim_head) or (rows, rows_tokens, heads * dim_head) with rows * rows_tokens ==
+    batch * tokens: the host's backends differ in what they return for skip_output_reshape."""
+    if out.ndim == 4:
+        out = out.transpose(1, 2)
+    return out.reshape(batch, tokens, heads, -1).transpose(1, 2)
 
 
 class ImagePrompt:
@@ -60,28 +71,30 @@ class ImagePrompt:
         return self.weight * self.layer_weights.get(layer_index, 1.0)
 
     def image_tokens(self) -> torch.Tensor:
-        """(2, n_images * tokens, dim): row 0 the conditional image prompt, row 1 the unconditional one."""
+        """(2, n_images * tokens, dim): row 0 the conditional image prompt, row 1 the unconditional one. Computed where
+        the adapter's weights are; the embeddings travel there without blocking the host."""
         param = next(self.adapter.parameters())
         key = (param.device, param.dtype)
         tokens = self._tokens.get(key) if self.cache else None
         if tokens is None:
-            embeds = torch.cat([self.cond_embeds, self.uncond_embeds]).to(param.device, param.dtype)
+            embeds = torch.cat([self.cond_embeds, self.uncond_embeds])
+            embeds = embeds.to(param.device, param.dtype, non_blocking=True)
             tokens = self.adapter.image_tokens(embeds)
             tokens = tokens.reshape(2, -1, tokens.shape[-1])
             if self.cache:
                 self._tokens[key] = tokens
         return tokens
 
-    def layer_kv(self, layer_index: int, cond_or_uncond, batch: int, device, dtype):
-        """Image keys and values for one layer, laid out like the host's batch: (batch, tokens, channels) each."""
-        key = (layer_index, tuple(cond_or_uncond), batch, device, dtype)
+    def layer_kv(self, layer_index: int, cond_or_uncond, device, dtype):
+        """Image keys and values for one layer, one row per cond/uncond chunk of the host's batch, in its order:
+        (chunks, tokens, channels) each. Every latent of a chunk shares them, so no per-latent copies are made."""
+        key = (layer_index, tuple(cond_or_uncond), device, dtype)
         kv = self._kv.get(key) if self.cache else None
         if kv is None:
             ip_k, ip_v = self.adapter.project_kv(layer_index, self.image_tokens())
             ip_v = ip_v * self.layer_weight(layer_index)
-            chunk = batch // len(cond_or_uncond)
-            rows = torch.tensor([1 if c == 1 else 0 for c in cond_or_uncond for _ in range(chunk)])
-            kv = tuple(t.index_select(0, rows.to(t.device)).to(device, dtype) for t in (ip_k, ip_v))
+            rows = [1 if c == 1 else 0 for c in cond_or_uncond]
+            kv = tuple(torch.cat([t[r:r + 1] for r in rows]).to(device, dtype) for t in (ip_k, ip_v))
             if self.cache:
                 self._kv[key] = kv
         return kv
@@ -114,18 +127,26 @@ class DecoupledCrossAttention:
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
         precision = extra_options.get("attn_precision")
+        batch, tokens, channels = q.shape
         if self.previous is not None:
             out = self.previous(q, k, v, extra_options)
         else:
-            out = self.attention(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
+            out = self.attention(q, k, v, heads, attn_precision=precision, skip_output_reshape=True,
+                                 transformer_options=extra_options)
+        out = heads_first(out, batch, tokens, heads)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
+        # Attention treats queries independently, so the latents of one cond/uncond chunk can be one long sequence
+        # against that chunk's image keys: one attention call, no per-latent copies of the keys and values.
+        q_chunks = q.reshape(len(cond_or_uncond), -1, channels)
         sigmas = extra_options.get("sigmas")
         for prompt in self.prompts:
-            ip_k, ip_v = prompt.layer_kv(self.layer.layer_index, cond_or_uncond, q.shape[0], q.device, q.dtype)
-            ip_out = self.attention(q, ip_k, ip_v, heads, attn_precision=precision, transformer_options=extra_options)
+            ip_k, ip_v = prompt.layer_kv(self.layer.layer_index, cond_or_uncond, q.device, q.dtype)
+            ip_out = self.attention(q_chunks, ip_k, ip_v, heads, attn_precision=precision, skip_output_reshape=True,
+                                    transformer_options=extra_options)
+            ip_out = heads_first(ip_out, batch, tokens, heads)
             gate = prompt.gate(sigmas, out.dtype)
             out = out + ip_out if gate is None else torch.addcmul(out, ip_out, gate)
-        return out
+        return out.transpose(1, 2).reshape(batch, tokens, channels)
 
     def stacked(self, prompt: ImagePrompt, models=()):
         """A new patch with one more image prompt; this one is left as it is."""

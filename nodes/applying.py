@@ -13,9 +13,10 @@ from .types import CATEGORY, AdapterSocket, EmbedsSocket, LoadedAdapter
 WRAPPER_KEY = "ipx_ipadapter"
 
 
-def host_attention(q, k, v, heads, attn_precision=None, transformer_options=None):
+def host_attention(q, k, v, heads, attn_precision=None, skip_output_reshape=False, transformer_options=None):
     """The host's optimized attention, looked up at call time so backend switches and overrides are honoured."""
     return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=attn_precision,
+                                                            skip_output_reshape=skip_output_reshape,
                                                             transformer_options=transformer_options)
 
 

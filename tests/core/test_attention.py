@@ -176,3 +176,16 @@ def test_sdpa_default_matches_reference():
     q, k, v = qkv(layer)
     patch = DecoupledCrossAttention(layer, [])
     torch.testing.assert_close(patch(q, k, v, options()), reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_image_keys_values_hold_one_row_per_chunk_whatever_the_batch(adapter, embeds):
+    """The latents of a chunk share their image keys/values: the cache does not grow with the batch."""
+    layer = SD15_LAYERS[4]
+    prompt = ImagePrompt(adapter, *embeds)
+    patch = DecoupledCrossAttention(layer, [prompt])
+    q, k, v = qkv(layer, batch=8)
+    patch(q, k, v, options((1, 0)))
+    (ip_k, ip_v), = prompt._kv.values()
+    assert ip_k.shape == ip_v.shape == (2, 4, layer.channels)
+    tokens = adapter.image_proj(torch.cat(embeds))
+    torch.testing.assert_close(ip_k[0], adapter.ip_adapter[str(layer.layer_index)].to_k_ip(tokens[1]))  # uncond first

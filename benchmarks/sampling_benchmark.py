@@ -1,0 +1,213 @@
+"""Sampling time, GPU->CPU syncs, kernel launches and peak memory: plain SD1.5 vs the same model with IP-Adapters,
+in the real host, in-process, with random weights built by the host's own classes.
+
+    python benchmarks/sampling_benchmark.py                        # GPU: 512x512, 20 steps, euler, cfg 7, fp16
+    python benchmarks/sampling_benchmark.py --device cpu --quick   # CPU smoke run (CI): no timing claims
+
+Configurations are timed in interleaved, shuffled rounds after warm-up; medians and ratios to plain are reported.
+The last line printed is one JSON object with every number.
+"""
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+sys.path.append(str(PACK_DIR))
+
+from ipx_tools.host import comfyui_version, find_comfyui, import_host  # noqa: E402
+
+VARIANT_EMBEDS = {  # encoder output shapes per reference image, and the uncond each variant uses
+    "sd15": ((1024,), "image_embeds", "zero_embeds"),
+    "plus": ((257, 1280), "penultimate_hidden_states", "zero_pixels"),
+    "full_face": ((257, 1280), "penultimate_hidden_states", "zero_pixels"),
+}
+CONFIGS = {"plain": [], "sd15": ["sd15"], "plus": ["plus"], "full_face": ["full_face"], "stacked": ["sd15", "plus"]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="64x64, 2 steps, 1 round, batch 1: a smoke run")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--comfyui", help="ComfyUI folder (default: found as the tests find it)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.steps, args.rounds, args.warmup, args.batches = 64, 2, 1, 0, [1]
+    return args
+
+
+def build_sd15(device):
+    """A random-weight SD1.5 UNet in the host's BaseModel, fp16 on the GPU (fp32 on the CPU), in a ModelPatcher."""
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    from ipx_tools.standins import randomize_, sd15_unet_config
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    config = comfy.model_detection.model_config_from_unet_config(sd15_unet_config())
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device="cpu")
+    randomize_(model.diffusion_model, seed=0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def build_adapters(nodes, folder):
+    """Random adapters written in the official layout, loaded through the pack's own loader."""
+    import folder_paths
+    from ipx_tools.random_adapters import OFFICIAL_NAMES, random_adapter, write_adapter
+    folder_paths.add_model_folder_path("ipadapter", str(folder))
+    loader = sys.modules[nodes.NODE_CLASS_MAPPINGS["IPXLoadAdapter"].__module__]
+    adapters = {}
+    for variant in VARIANT_EMBEDS:
+        name = f"{OFFICIAL_NAMES[variant]}.safetensors"
+        write_adapter(random_adapter(variant, seed=3), Path(folder) / name, dtype=torch.float16)
+        adapters[variant] = loader.load_adapter_file(name)
+    return adapters
+
+
+def patched_models(nodes, base, adapters, configs):
+    applying = sys.modules[nodes.NODE_CLASS_MAPPINGS["IPXApplyAdapter"].__module__]
+    embeds_module = sys.modules[applying.__package__.rsplit(".", 1)[0] + ".ipadapter_core.embeds"]
+    g = torch.Generator().manual_seed(5)
+    models = {}
+    for name in configs:
+        model = base
+        for variant in CONFIGS[name]:
+            shape, output, uncond_mode = VARIANT_EMBEDS[variant]
+            cond = torch.randn((1, *shape), generator=g)
+            uncond = torch.zeros_like(cond) if uncond_mode == "zero_embeds" else torch.randn((1, *shape), generator=g)
+            embeds = embeds_module.ImageEmbeds(cond, uncond, output, uncond_mode)
+            model = applying.apply_adapter(model, adapters[variant], embeds, 0.8)
+        models[name] = model
+    return models
+
+
+def sample(model, args, batch, seed):
+    import comfy.sample
+    latent = torch.zeros(batch, 4, args.size // 8, args.size // 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    return comfy.sample.sample(model, noise, args.steps, 7.0, "euler", "normal", positive, negative, latent,
+                               disable_pbar=True, seed=seed)
+
+
+def timed(model, args, batch, seed):
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    sample(model, args, batch, seed)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def count_syncs(model, args, batch):
+    """GPU->CPU synchronisations in one run, as torch's sync debug mode reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            sample(model, args, batch, seed=7)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def count_kernels(model, args, batch):
+    """{kernel name: launches} on the GPU in one run (kernels, copies and fills), from the profiler."""
+    from collections import Counter
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sample(model, args, batch, seed=8)
+        torch.cuda.synchronize()
+    return Counter(e.name[:80] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def peak_memory(model, args, batch):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    sample(model, args, batch, seed=9)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def measure(models, args, batch):
+    for _ in range(args.warmup):
+        for model in models.values():
+            timed(model, args, batch, seed=0)
+    times = {name: [] for name in models}
+    order = list(models)
+    rng = random.Random(0)
+    for r in range(args.rounds):
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(timed(models[name], args, batch, seed=100 + r))
+    result, kernels = {}, {}
+    plain = statistics.median(times["plain"]) if "plain" in times else None
+    for name, values in times.items():
+        median = statistics.median(values)
+        entry = {"median_s": round(median, 5), "min_s": round(min(values), 5), "max_s": round(max(values), 5)}
+        if plain:
+            entry["ratio"] = round(median / plain, 4)
+        if args.device == "cuda":
+            entry["syncs"] = count_syncs(models[name], args, batch)
+            kernels[name] = count_kernels(models[name], args, batch)
+            entry["kernels"] = sum(kernels[name].values())
+            entry["peak_bytes"] = peak_memory(models[name], args, batch)
+        result[name] = entry
+    if "plain" in result and args.device == "cuda":
+        base = result["plain"]
+        for entry in result.values():
+            entry["added_syncs"] = entry["syncs"] - base["syncs"]
+            entry["added_kernels_per_step"] = round((entry["kernels"] - base["kernels"]) / args.steps, 1)
+            entry["added_peak_mib"] = round((entry["peak_bytes"] - base["peak_bytes"]) / 2 ** 20, 2)
+        for name, counts in kernels.items():
+            extra = counts - kernels["plain"]
+            result[name]["added_kernels_by_name"] = {k: round(n / args.steps, 2) for k, n in extra.most_common(6)}
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    path, how = find_comfyui() if args.comfyui is None else (Path(args.comfyui), "--comfyui")
+    if path is None:
+        sys.exit(f"ComfyUI not found: {how}")
+    nodes = import_host(path, cpu=args.device == "cpu")
+    if "plain" not in args.configs:
+        args.configs = ["plain"] + args.configs
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
+        base = build_sd15(args.device)
+        adapters = build_adapters(nodes, folder)
+        models = patched_models(nodes, base, adapters, args.configs)
+        report = {"comfyui": comfyui_version(path), "torch": torch.__version__, "device": args.device,
+                  "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "size": args.size,
+                  "steps": args.steps, "sampler": "euler", "cfg": 7.0, "rounds": args.rounds, "results": {}}
+        for batch in args.batches:
+            report["results"][f"batch{batch}"] = measure(models, args, batch)
+    print(f"{'config':<12}{'batch':>6}{'median s':>10}{'ratio':>8}{'+syncs':>8}{'+kern/step':>11}{'+MiB':>9}")
+    for key, results in report["results"].items():
+        for name, e in results.items():
+            print(f"{name:<12}{key[5:]:>6}{e['median_s']:>10.4f}{e.get('ratio', 0):>8.3f}"
+                  f"{e.get('added_syncs', '-'):>8}{e.get('added_kernels_per_step', '-'):>11}"
+                  f"{e.get('added_peak_mib', '-'):>9}")
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
