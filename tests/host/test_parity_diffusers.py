@@ -7,9 +7,11 @@ the strength set with ``set_ip_adapter_scale``, and the encoder features passed 
 under classifier-free guidance: one batch ``[negative; positive]`` for the latents, the text and the image embeds.
 
 host side: the ``host_sd15`` ModelPatcher (same UNet weights) patched by ``apply_adapter`` with the adapter read by
-``load_adapter_file``, sampled through the host's CFGGuider with a one-step sampler, so that the conds are processed,
-cond and uncond batched into one UNet call and ``cond_or_uncond`` set exactly as in a real KSampler run. A UNet function
-wrapper records that call's input, sigma, batch layout and denoised output; eps = (x - denoised) / sigma.
+``load_adapter_file``, run for one step through the host's real sampling path (``sampling.predict_noise``:
+sample_custom -> CFGGuider -> calc_cond_batch), so that the conds are processed, cond and uncond batched into one UNet
+call and ``cond_or_uncond`` set exactly as in a real run. A UNet function wrapper checks that there was exactly one such
+call. The latent is x = noise * sigma with sigma = the schedule's sigma at timestep 500, which the host turns back into
+timestep 500 exactly; its UNet input is x / sqrt(sigma^2 + 1), which is what diffusers' UNet is given.
 
 Metric everywhere: relative error = max|host - diffusers| / max|diffusers| over the whole batch (uncond and cond rows),
 on the noise prediction eps, in fp32; parity means <= 1e-4.
@@ -22,10 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from .sampling import predict_noise, sigma_at
+
 TOLERANCE = 1e-4          # relative error allowed between host and diffusers (fp32)
 MIN_EFFECT = 100 * TOLERANCE  # an effect that a parity of TOLERANCE could not hide
 TIMESTEP = 500            # sigma = model_sampling.sigmas[TIMESTEP], so the host's timestep is exactly this integer
-CFG = 7.0                 # any value != 1: the host then computes cond and uncond (batched)
 LATENT_SHAPE = (1, 4, 8, 8)   # 64x64 pixels, one image per cond
 
 BASE = "ip-adapter_sd15"
@@ -47,6 +50,7 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def stem(file_name: str) -> str:
+    """The official name a file stands for: 'ip-adapter_sd15' for ip-adapter_sd15.bin and its -mid-changed copy."""
     return file_name.rsplit(".", 1)[0].removesuffix("-mid-changed")
 
 
@@ -58,9 +62,9 @@ def stem(file_name: str) -> str:
 def inputs(host_sd15):
     """Fixed random inputs shared by both sides."""
     g = torch.Generator().manual_seed(2024)
-    sampling = host_sd15.get_model_object("model_sampling")
-    sigma = sampling.sigmas[TIMESTEP].reshape(1).float()
-    assert sampling.timestep(sigma).item() == TIMESTEP, "sigma must map back to the integer timestep exactly"
+    sigma = sigma_at(host_sd15, TIMESTEP)
+    timestep = host_sd15.get_model_object("model_sampling").timestep(torch.tensor([sigma]))
+    assert timestep.item() == TIMESTEP, "sigma must map back to the integer timestep exactly"
     return {
         "sigma": sigma,
         "noise": torch.randn(LATENT_SHAPE, generator=g),
@@ -88,49 +92,31 @@ def pack(host):
             "ImageEmbeds": applying.ImageEmbeds}
 
 
-def _one_model_call(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """A one-step k-diffusion 'sampler': the single denoiser call every sampler makes first."""
-    return model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
-
-
 def host_prediction(model, inputs) -> dict:
-    """Sample ``model`` through the host's CFGGuider for one step and return what its one UNet call saw and gave:
-    ``x`` (the latent before the host's input scaling), ``sigma`` and ``eps``, rows in diffusers' CFG order
-    [uncond, cond], and ``calls`` (the cond_or_uncond layout of every UNet call)."""
-    import comfy.samplers
-
+    """One UNet call of ``model`` through the host's sampling path (``predict_noise``), recorded by a UNet function
+    wrapper: ``eps`` in diffusers' CFG row order [uncond, cond], the latent ``x`` (before the host's input scaling),
+    the call's raw ``denoised`` output (host row order) and its ``cond_or_uncond`` layout."""
     calls = []
 
     def record(apply_model, args):
         out = apply_model(args["input"], args["timestep"], **args["c"])
-        calls.append({"x": args["input"].clone(), "sigma": args["timestep"].clone(),
-                      "cond_or_uncond": list(args["cond_or_uncond"]), "denoised": out.clone()})
+        calls.append({"cond_or_uncond": list(args["cond_or_uncond"]), "denoised": out.clone()})
         return out
 
     probed = model.clone()
     probed.set_model_unet_function_wrapper(record)
-    guider = comfy.samplers.CFGGuider(probed)
-    guider.set_conds([[inputs["text_cond"], {}]], [[inputs["text_uncond"], {}]])
-    guider.set_cfg(CFG)
-    sigmas = torch.cat([inputs["sigma"], torch.zeros(1)])
-    with torch.inference_mode():
-        guider.sample(inputs["noise"], torch.zeros(LATENT_SHAPE), comfy.samplers.KSAMPLER(_one_model_call), sigmas,
-                      disable_pbar=True, seed=0)
-
-    layouts = [c["cond_or_uncond"] for c in calls]
+    eps_cond, eps_uncond, x = predict_noise(probed, inputs["noise"], inputs["sigma"], inputs["text_cond"],
+                                            inputs["text_uncond"])
+    layouts = [call["cond_or_uncond"] for call in calls]
     assert layouts in ([[0, 1]], [[1, 0]]), f"expected one UNet call batching cond (0) and uncond (1), got {layouts}"
-    call = calls[0]
-    order = [call["cond_or_uncond"].index(1), call["cond_or_uncond"].index(0)]  # -> [uncond, cond]
-    x, sigma, denoised = call["x"][order], call["sigma"][order], call["denoised"][order]
-    s = sigma.reshape(-1, 1, 1, 1)
-    return {"x": x, "sigma": sigma, "eps": (x - denoised) / s, "denoised": denoised, "calls": layouts}
+    return {"x": x, "eps": torch.cat([eps_uncond, eps_cond]), "denoised": calls[0]["denoised"], "layout": layouts[0]}
 
 
 def diffusers_prediction(unet, host_pred: dict, inputs: dict, image_embeds=None) -> torch.Tensor:
     """diffusers' eps for the same batch the host ran: latents scaled by 1/sqrt(sigma^2 + 1) (EulerDiscreteScheduler's
     scale_model_input), text [negative; positive], image embeds as prepared by the pipeline."""
-    sigma = host_pred["sigma"].reshape(-1, 1, 1, 1)
-    latent_model_input = host_pred["x"] / (sigma ** 2 + 1) ** 0.5
+    sigma = torch.tensor(inputs["sigma"], dtype=torch.float32)
+    latent_model_input = torch.cat([host_pred["x"]] * 2) / (sigma ** 2 + 1) ** 0.5
     text = torch.cat([inputs["text_uncond"], inputs["text_cond"]])
     kwargs = {} if image_embeds is None else {"added_cond_kwargs": {"image_embeds": image_embeds}}
     with torch.inference_mode():
@@ -151,8 +137,9 @@ def ip_pipeline(diffusers_unet):
             self.register_modules(unet=unet, image_encoder=image_encoder, feature_extractor=feature_extractor)
 
     pipe = UNetOnlyPipeline(copy.deepcopy(diffusers_unet))
+    unet = pipe.unet
     yield pipe
-    del pipe
+    unet.to("meta")  # frees the copy's 3.4 GB now, whoever still holds the pipeline
     gc.collect()
 
 
@@ -170,8 +157,9 @@ def diffusers_image_embeds(file_name: str, inputs: dict) -> list:
 
 @pytest.fixture(scope="module")
 def mid_changed_dir(host, adapter_dir, tmp_path_factory):
-    """A copy of the base .safetensors adapter whose middle-block (layer 31) image key/value weights are re-randomised,
-    in its own folder registered in the host's ipadapter search path for this module only."""
+    """A copy of the base .safetensors adapter whose middle-block (layer 31) image key/value weights are re-randomised
+    five times larger (the middle block sees a 1x1 latent at this size: a same-sized change would move eps by under
+    1%), in its own folder, registered in the host's ipadapter search path for this module only."""
     import folder_paths
 
     state_dict = load_file(str(adapter_dir / f"{BASE}.safetensors"))
@@ -179,7 +167,7 @@ def mid_changed_dir(host, adapter_dir, tmp_path_factory):
     changed = [f"ip_adapter.{MID_BLOCK_LAYER}.{name}.weight" for name in ("to_k_ip", "to_v_ip")]
     for key in changed:
         old = state_dict[key]
-        state_dict[key] = torch.randn(old.shape, generator=g) * old.std()
+        state_dict[key] = torch.randn(old.shape, generator=g) * 5 * old.std()
     folder = tmp_path_factory.mktemp("ipadapter_mid_changed")
     save_file(state_dict, str(folder / MID_CHANGED))
     folder_paths.add_model_folder_path("ipadapter", str(folder))
@@ -219,7 +207,7 @@ class Predictions:
     def diffusers(self, file_name=None, scale=1.0) -> torch.Tensor:
         """diffusers' eps, plain (file_name None) or with ``file_name`` loaded by load_ip_adapter at ``scale``."""
         def compute():
-            reference = self.host()  # same x and sigma as every host prediction (asserted in the tests)
+            reference = self.host()  # same x as every host prediction (asserted in assert_parity)
             if file_name is None:
                 return diffusers_prediction(self.diffusers_unet, reference, self.inputs)
             self.pipe.load_ip_adapter(str(self.folders.get(file_name, self.default_folder)), subfolder="",
@@ -237,8 +225,7 @@ def predictions(host_sd15, diffusers_unet, ip_pipeline, pack, inputs, adapter_di
 
 
 def assert_parity(host_pred: dict, diffusers_eps: torch.Tensor, plain: dict, what: str):
-    assert torch.equal(host_pred["x"], plain["x"]) and torch.equal(host_pred["sigma"], plain["sigma"]), \
-        "the host must have seen the same latent and sigma in every run"
+    assert torch.equal(host_pred["x"], plain["x"]), "the host must have sampled the same latent in every run"
     eps = host_pred["eps"]
     err = relative_error(eps, diffusers_eps)
     per_row = ", ".join(f"{name} {relative_error(eps[i], diffusers_eps[i]):.2e}" for i, name in enumerate(("uncond",
@@ -283,8 +270,10 @@ def test_weight_matches_diffusers_scale(predictions):
 def test_weight_zero_is_the_plain_model_exactly(predictions):
     """Weight 0 gives exactly (bit for bit) the unpatched model's prediction."""
     plain, zero = predictions.host(), predictions.host(f"{BASE}.safetensors", weight=0.0)
+    assert zero["layout"] == plain["layout"]
     assert torch.equal(zero["denoised"], plain["denoised"]), \
         f"weight 0 differs from the plain model by {(zero['denoised'] - plain['denoised']).abs().max().item():.3e}"
+    assert torch.equal(zero["eps"], plain["eps"])
 
 
 def test_middle_block_weights_change_prediction(predictions):
