@@ -15,6 +15,7 @@ imported lazily inside the functions: this module is importable without ComfyUI.
     python -m ipx_tools.standins --out DIR [--variants sd15 plus] [--vit-l] [--seed 0]
 """
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -37,8 +38,9 @@ STAMP_NAME = "standins-stamp.json"
 
 # Sources whose content decides the bytes of the files built here: a change to any of them rebuilds.
 _MODEL_SOURCES = ("ipx_tools/standins.py",)
-_ADAPTER_SOURCES = ("ipx_tools/standins.py", "ipx_tools/random_adapters.py", "ipadapter_core/adapter.py", "ipadapter_core/projection.py",
-                    "ipadapter_core/layers.py", "ipadapter_core/files.py", "ipadapter_core/variants.py")
+_ADAPTER_SOURCES = ("ipx_tools/standins.py", "ipx_tools/random_adapters.py", "ipadapter_core/adapter.py",
+                    "ipadapter_core/projection.py", "ipadapter_core/layers.py", "ipadapter_core/files.py",
+                    "ipadapter_core/variants.py")
 
 
 # --- the host --------------------------------------------------------------------------------------------------------
@@ -61,11 +63,6 @@ def ensure_host_importable(host_path=None) -> Path:
         from comfy.cli_args import args
         args.cpu = True  # must precede comfy.model_management; the stand-ins are built on the CPU
     return Path(host_path)
-
-
-def _host_version() -> str:
-    from .host import comfyui_version
-    return comfyui_version(ensure_host_importable())
 
 
 # --- randomising the host's modules ----------------------------------------------------------------------------------
@@ -167,7 +164,7 @@ def build_sd15_checkpoint(path, seed: int = 0) -> Path:
     state_dict = _fp16(model.state_dict_for_saving(clip_sd, vae_sd))
     del model, clip_sd, vae_sd
     gc.collect()
-    _save(state_dict, path, {"ipx_standin": "sd15", "seed": str(seed)})
+    _save(state_dict, path, {"ipx_standin": f"sd15 seed {seed}"})  # one key: byte-identical rebuilds
     del state_dict
     gc.collect()
     return Path(path)
@@ -191,7 +188,7 @@ def build_clip_vision(path, kind: str = "vit-h", seed: int = 0) -> Path:
     state_dict = _fp16(model.state_dict())
     del model
     gc.collect()
-    _save(state_dict, path, {"ipx_standin": f"clip_vision {kind}", "seed": str(seed)})
+    _save(state_dict, path, {"ipx_standin": f"clip_vision {kind} seed {seed}"})
     del state_dict
     gc.collect()
     return Path(path)
@@ -245,24 +242,26 @@ def _read_stamp(root: Path) -> dict:
         return {}
 
 
-def _host_version_or_none():
+def _host_version_or_none(host_path=None):
+    """The version of the host the files are (or would be) built with: the one imported, else ``host_path``, else
+    the one find_comfyui() finds."""
     try:
         from .host import comfyui_version, find_comfyui
         comfy = sys.modules.get("comfy")
         if comfy is not None and getattr(comfy, "__file__", None):
             return comfyui_version(Path(comfy.__file__).resolve().parent.parent)
-        path, _ = find_comfyui()
+        path = host_path or find_comfyui()[0]
         return comfyui_version(path) if path else None
     except OSError:
         return None
 
 
-def missing_files(root, variants=("sd15", "plus"), clip_vision=("vit-h",), seed: int = 0) -> list:
+def missing_files(root, variants=("sd15", "plus"), clip_vision=("vit-h",), seed: int = 0, host_path=None) -> list:
     """The files of the plan that are absent, or were built by other builder sources or another host version."""
     root = Path(root)
     stamp = _read_stamp(root)
     files = stamp.get("files", {})
-    host_ok = stamp.get("host_version") == _host_version_or_none()
+    host_ok = stamp.get("host_version") == _host_version_or_none(host_path)
     out = []
     for rel, (_, recipe) in planned_files(variants, clip_vision, seed).items():
         entry = files.get(rel, {})
@@ -273,19 +272,40 @@ def missing_files(root, variants=("sd15", "plus"), clip_vision=("vit-h",), seed:
     return out
 
 
+@contextlib.contextmanager
+def _locked(root: Path):
+    """An exclusive lock on the folder while it is built (two test runs may share the cache); no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(root / ".standins.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_models_dir(root, variants=("sd15", "plus"), seed: int = 0, clip_vision=("vit-h",), host_path=None) -> dict:
     """Lay out ``root/checkpoints``, ``root/clip_vision`` and ``root/ipadapter`` with random stand-ins, building only
     what is missing or stale (see STAMP_NAME). Returns {relative path: seconds spent building it}."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    todo = missing_files(root, variants, clip_vision, seed)
+    with _locked(root):
+        return _build_missing(root, variants, seed, clip_vision, host_path)
+
+
+def _build_missing(root: Path, variants, seed, clip_vision, host_path) -> dict:
+    todo = missing_files(root, variants, clip_vision, seed, host_path)
     built = {}
     if not todo:
         return built
     if any(not rel.startswith("ipadapter/") for rel in todo):
         ensure_host_importable(host_path)
     stamp = _read_stamp(root)
-    version = _host_version_or_none()
+    version = _host_version_or_none(host_path)
     if stamp.get("host_version") != version:
         stamp = {}
     stamp["host_version"] = version
@@ -315,7 +335,7 @@ def build_models_dir_subprocess(root, variants=("sd15", "plus"), seed: int = 0, 
     """build_models_dir in a child process (its 5-7 GB of build memory goes back to the OS when it exits); a no-op
     when everything is up to date. Returns {relative path: seconds} as the child reported it."""
     import subprocess
-    if not missing_files(root, variants, clip_vision, seed):
+    if not missing_files(root, variants, clip_vision, seed, host_path):
         return {}
     cmd = [python or sys.executable, "-m", "ipx_tools.standins", "--out", str(root), "--seed", str(seed),
            "--variants", *variants, "--clip-vision", *clip_vision, "--json"]
@@ -355,6 +375,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if str(PACK_DIR) not in sys.path:
-        sys.path.append(str(PACK_DIR))
     sys.exit(main())
