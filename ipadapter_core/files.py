@@ -36,6 +36,11 @@ def flatten_sections(state_dict: dict, source: str = "state dict") -> dict:
     return flat
 
 
+def _first_sentence(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0][:200]
+
+
 def _load_pickle(path: str) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -43,10 +48,10 @@ def _load_pickle(path: str) -> dict:
         raise AdapterFileError(
             f"{os.path.basename(path)} was refused: it is a pickle that asks to run code or build objects other than "
             f"tensors, which an adapter file never needs. Use the official file, or convert it to .safetensors with a "
-            f"tool you trust. (torch said: {str(e).splitlines()[0]})") from e
+            f"tool you trust. (torch said: {_first_sentence(e)})") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise AdapterFileError(f"{os.path.basename(path)} cannot be read as a torch file; it is probably truncated or "
-                               f"corrupt (download it again): {str(e).splitlines()[0]}") from e
+                               f"corrupt (download it again): {_first_sentence(e)}") from e
     if not isinstance(data, dict):
         raise AdapterFileError(f"{os.path.basename(path)} holds a {type(data).__name__}, not a dict of tensors")
     if "state_dict" in data and isinstance(data["state_dict"], dict):

@@ -41,5 +41,15 @@ class LoadAdapter(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, adapter_name):
+        # The host checks combo values only for V1 list inputs: check here, so a bad name fails at /prompt.
+        names = folder_paths.get_filename_list(FOLDER)
+        if adapter_name in names:
+            return True
+        folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
+        return (f"'{adapter_name}' is not in models/ipadapter (searched {folders}; found "
+                f"{', '.join(names) or 'no adapter files'}). Put the file there and refresh, or pick another.")
+
+    @classmethod
     def execute(cls, adapter_name):
         return io.NodeOutput(load_adapter_file(adapter_name))

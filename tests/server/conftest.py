@@ -1,7 +1,7 @@
 """Fixtures for the server ring: a real ComfyUI server (a subprocess on 127.0.0.1) with this pack as its only custom
 node pack, random-weight stand-ins of SD1.5, CLIP ViT-H/14 (and ViT-L/14) and two adapters, and a reference image.
 
-The stand-ins are built once into the persistent cache (cache_dir/standins, ~47 s and ~4.5 GB of memory in a child
+The stand-ins are built once into the persistent cache (cache_dir/models, ~47 s and ~4.5 GB of memory in a child
 process) and reused while their builders are unchanged. Each test module gets one server; its models folder is a
 writable folder of symlinks to the cached files, so tests may add broken files without touching the cache.
 """
@@ -36,7 +36,7 @@ def server_host() -> Path:
 @pytest.fixture(scope="session")
 def standin_models(server_host, cache_dir) -> Path:
     """The cached models folder (checkpoints/, clip_vision/, ipadapter/); read-only for tests."""
-    root = cache_dir / "standins"
+    root = cache_dir / "models"
     started = time.perf_counter()
     stale = missing_files(root, VARIANTS, CLIP_VISION)
     build_models_dir_subprocess(root, VARIANTS, clip_vision=CLIP_VISION, host_path=server_host)

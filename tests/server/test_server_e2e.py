@@ -163,21 +163,15 @@ def test_an_invalid_graph_is_rejected_with_the_hosts_json(server, reference_imag
     assert server.process.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="ComfyUI 0.3.64 checks combo values only for V1 list-typed inputs, not V3 "
-                                       "io.Combo ('COMBO', {'options': ...}); IPXLoadAdapter has no validate_inputs, "
-                                       "so an unknown adapter_name is accepted and fails only when the node runs")
 def test_unknown_adapter_name_is_rejected_at_validation(server, reference_image):
+    """The host checks combo values only for V1 list inputs; IPXLoadAdapter.validate_inputs does it for V3."""
     name = "no-such-adapter.safetensors"
-    try:
-        prompt_id = server.queue_prompt(ipx_graph(reference_image, next(_fresh_seeds), adapter=name))
-    except PromptRejected as rejected:
-        node = rejected.value.response["node_errors"]["adapter"]
-        assert node["class_type"] == "IPXLoadAdapter"
-        assert name in json.dumps(node["errors"]), node
-        return
-    error = execution_error(server.wait(prompt_id, PROMPT_TIMEOUT))
-    pytest.fail(f"accepted by /prompt; it failed only when {error and error['node_type']} ran: "
-                f"{error and error['exception_message'].strip()}")
+    with pytest.raises(PromptRejected) as rejected:
+        server.queue_prompt(ipx_graph(reference_image, next(_fresh_seeds), adapter=name))
+    node = rejected.value.response["node_errors"]["adapter"]
+    assert node["class_type"] == "IPXLoadAdapter"
+    assert f"'{name}' is not in models/ipadapter" in json.dumps(node["errors"]), node
+    assert server.process.poll() is None
 
 
 def test_corrupt_adapter_gives_a_clear_prompt_error_and_the_server_keeps_serving(server, models_dir,
