@@ -43,12 +43,16 @@ class ImagePrompt:
 
     ``cond_embeds`` / ``uncond_embeds``: the encoder outputs the adapter reads, one row per reference image; several
     images are concatenated along the token axis, as diffusers does for several images per prompt.
+    ``per_latent``: instead, row i is the image prompt of latent i of each cond/uncond chunk (training, batches of
+    different references); the chunk size must then equal the number of rows.
     ``sigma_range``: (sigma_start, sigma_end) between which the prompt acts, or None for always.
     ``layer_weights``: optional {layer_index: multiplier} on top of ``weight``.
+    ``cache``: keep image tokens and keys/values for the run; False recomputes them in every call, so that gradients
+    reach the adapter (training).
     """
 
     def __init__(self, adapter, cond_embeds, uncond_embeds, weight=1.0, sigma_range=None, layer_weights=None,
-                 cache=True):
+                 cache=True, per_latent=False):
         if cond_embeds.shape != uncond_embeds.shape:
             raise ValueError(f"cond embeds {list(cond_embeds.shape)} and uncond embeds {list(uncond_embeds.shape)} "
                              f"must have the same shape")
@@ -59,6 +63,7 @@ class ImagePrompt:
         self.sigma_range = sigma_range
         self.layer_weights = dict(layer_weights or {})
         self.cache = cache
+        self.per_latent = per_latent
         self.clear_cache()
 
     def clear_cache(self):
@@ -71,8 +76,9 @@ class ImagePrompt:
         return self.weight * self.layer_weights.get(layer_index, 1.0)
 
     def image_tokens(self) -> torch.Tensor:
-        """(2, n_images * tokens, dim): row 0 the conditional image prompt, row 1 the unconditional one. Computed where
-        the adapter's weights are; the embeddings travel there without blocking the host."""
+        """(2, rows, tokens, dim): [0] the conditional image prompt, [1] the unconditional one; one row holding every
+        reference image's tokens, or one row per latent with ``per_latent``. Computed where the adapter's weights
+        are; the embeddings travel there without blocking the host."""
         param = next(self.adapter.parameters())
         key = (param.device, param.dtype)
         tokens = self._tokens.get(key) if self.cache else None
@@ -80,23 +86,28 @@ class ImagePrompt:
             embeds = torch.cat([self.cond_embeds, self.uncond_embeds])
             embeds = embeds.to(param.device, param.dtype, non_blocking=True)
             tokens = self.adapter.image_tokens(embeds)
-            tokens = tokens.reshape(2, -1, tokens.shape[-1])
+            rows = self.cond_embeds.shape[0] if self.per_latent else 1
+            tokens = tokens.reshape(2, rows, -1, tokens.shape[-1])
             if self.cache:
                 self._tokens[key] = tokens
         return tokens
 
-    def layer_kv(self, layer_index: int, cond_or_uncond, device, dtype):
-        """Image keys and values for one layer, one row per cond/uncond chunk of the host's batch, in its order:
-        (chunks, tokens, channels) each. Every latent of a chunk shares them, so no per-latent copies are made."""
+    def layer_kv(self, layer_index: int, cond_or_uncond, batch: int, device, dtype):
+        """Image keys and values for one layer, laid out in the host's cond/uncond chunk order: (rows, tokens,
+        channels) each, where rows = one per chunk (its latents share them: no per-latent copies are made) or, with
+        ``per_latent``, one per latent."""
         key = (layer_index, tuple(cond_or_uncond), device, dtype)
         kv = self._kv.get(key) if self.cache else None
         if kv is None:
             ip_k, ip_v = self.adapter.project_kv(layer_index, self.image_tokens())
             ip_v = ip_v * self.layer_weight(layer_index)
             rows = [1 if c == 1 else 0 for c in cond_or_uncond]
-            kv = tuple(torch.cat([t[r:r + 1] for r in rows]).to(device, dtype) for t in (ip_k, ip_v))
+            kv = tuple(torch.cat([t[r] for r in rows]).to(device, dtype) for t in (ip_k, ip_v))
             if self.cache:
                 self._kv[key] = kv
+        if self.per_latent and kv[0].shape[0] != batch:
+            raise ValueError(f"per-latent image prompts: {self.cond_embeds.shape[0]} reference rows for "
+                             f"{batch // len(cond_or_uncond)} latents per chunk; they must be equal")
         return kv
 
     def gate(self, sigmas, dtype):
@@ -135,13 +146,13 @@ class DecoupledCrossAttention:
                                  transformer_options=extra_options)
         out = heads_first(out, batch, tokens, heads)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
-        # Attention treats queries independently, so the latents of one cond/uncond chunk can be one long sequence
-        # against that chunk's image keys: one attention call, no per-latent copies of the keys and values.
-        q_chunks = q.reshape(len(cond_or_uncond), -1, channels)
         sigmas = extra_options.get("sigmas")
         for prompt in self.prompts:
-            ip_k, ip_v = prompt.layer_kv(self.layer.layer_index, cond_or_uncond, q.device, q.dtype)
-            ip_out = self.attention(q_chunks, ip_k, ip_v, heads, attn_precision=precision, skip_output_reshape=True,
+            ip_k, ip_v = prompt.layer_kv(self.layer.layer_index, cond_or_uncond, batch, q.device, q.dtype)
+            # Attention treats queries independently, so the latents sharing one row of image keys (a cond/uncond
+            # chunk) can be one long sequence: one attention call, no per-latent copies of the keys and values.
+            ip_out = self.attention(q.reshape(ip_k.shape[0], -1, channels), ip_k, ip_v, heads,
+                                    attn_precision=precision, skip_output_reshape=True,
                                     transformer_options=extra_options)
             ip_out = heads_first(ip_out, batch, tokens, heads)
             gate = prompt.gate(sigmas, out.dtype)

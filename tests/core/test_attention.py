@@ -88,8 +88,8 @@ def test_several_images_concatenate_their_tokens(adapter):
     cond = torch.randn(3, 1024, generator=g)
     prompt = ImagePrompt(adapter, cond, torch.zeros_like(cond))
     tokens = prompt.image_tokens()
-    assert tokens.shape == (2, 12, 768)
-    torch.testing.assert_close(tokens[0], adapter.image_proj(cond).reshape(12, 768))
+    assert tokens.shape == (2, 1, 12, 768)
+    torch.testing.assert_close(tokens[0, 0], adapter.image_proj(cond).reshape(12, 768))
 
 
 def test_stacked_prompts_add_both_terms(adapter, embeds):
@@ -189,3 +189,31 @@ def test_image_keys_values_hold_one_row_per_chunk_whatever_the_batch(adapter, em
     assert ip_k.shape == ip_v.shape == (2, 4, layer.channels)
     tokens = adapter.image_proj(torch.cat(embeds))
     torch.testing.assert_close(ip_k[0], adapter.ip_adapter[str(layer.layer_index)].to_k_ip(tokens[1]))  # uncond first
+
+
+def test_per_latent_prompts_give_each_latent_its_own_image(adapter):
+    """Training and batches of different references: row i of the embeds is latent i's image prompt."""
+    layer = SD15_LAYERS[6]
+    g = torch.Generator().manual_seed(9)
+    cond = torch.randn(3, 1024, generator=g)
+    prompt = ImagePrompt(adapter, cond, torch.zeros_like(cond), weight=0.9, per_latent=True)
+    patch = DecoupledCrossAttention(layer, [prompt])
+    q, k, v = qkv(layer, batch=6)
+    out = patch(q, k, v, options((0, 1)))
+    rows = [cond[0:1], cond[1:2], cond[2:3], torch.zeros(1, 1024), torch.zeros(1, 1024), torch.zeros(1, 1024)]
+    expected = reference_attention(q, k, v) + 0.9 * torch.cat(
+        [expected_ip(adapter, layer, e, q[i:i + 1]) for i, e in enumerate(rows)])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3 reference rows for 2 latents per chunk"):
+        DecoupledCrossAttention(layer, [prompt])(*qkv(layer, batch=4), options((0, 1)))
+
+
+def test_without_cache_gradients_reach_the_adapter():
+    trainable = random_adapter("sd15", seed=10).requires_grad_(True)
+    layer = SD15_LAYERS[0]
+    cond = torch.randn(2, 1024)
+    patch = DecoupledCrossAttention(layer, [ImagePrompt(trainable, cond, cond, cache=False, per_latent=True)])
+    patch(*qkv(layer, batch=2), options((0,))).square().mean().backward()
+    assert trainable.image_proj.proj.weight.grad.abs().sum() > 0
+    assert trainable.ip_adapter[str(layer.layer_index)].to_k_ip.weight.grad.abs().sum() > 0
+    assert trainable.ip_adapter["31"].to_k_ip.weight.grad is None  # another layer's weights are not involved
