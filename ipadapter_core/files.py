@@ -7,10 +7,8 @@ Both read into the flat form, which is also the state_dict layout of :class:`ipa
 """
 import os
 import pickle
-import zipfile
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import AdapterFileError
@@ -49,7 +47,7 @@ def _load_pickle(path: str) -> dict:
             f"{os.path.basename(path)} was refused: it is a pickle that asks to run code or build objects other than "
             f"tensors, which an adapter file never needs. Use the official file, or convert it to .safetensors with a "
             f"tool you trust. (torch said: {_first_sentence(e)})") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # a corrupt file makes the unpickler fail in many ways (EOFError, IndexError, ...)
         raise AdapterFileError(f"{os.path.basename(path)} cannot be read as a torch file; it is probably truncated or "
                                f"corrupt (download it again): {_first_sentence(e)}") from e
     if not isinstance(data, dict):
@@ -62,7 +60,7 @@ def _load_pickle(path: str) -> dict:
 def _load_safetensors(path: str) -> dict:
     try:
         return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
+    except Exception as e:  # SafetensorError, OSError, and whatever a damaged header provokes
         raise AdapterFileError(f"{os.path.basename(path)} cannot be read as safetensors; it is probably truncated or "
                                f"corrupt (download it again): {e}") from e
 

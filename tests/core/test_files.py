@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ipadapter_core import AdapterFileError, load_adapter, load_adapter_state_dict, save_adapter_bin
+from ipadapter_core import AdapterFileError, IPAdapterError, load_adapter, load_adapter_state_dict, save_adapter_bin
 from ipx_tools.random_adapters import random_adapter, write_adapter
 
 
@@ -77,11 +77,32 @@ def test_empty_file_is_refused(tmp_path):
         load_adapter(str(path))
 
 
-def test_random_bytes_are_refused(tmp_path):
-    path = tmp_path / "noise.bin"
-    path.write_bytes(os.urandom(4096))
-    with pytest.raises(AdapterFileError, match="noise.bin"):
-        load_adapter(str(path))
+@pytest.mark.parametrize("ext", ["bin", "safetensors"])
+def test_random_bytes_are_refused(tmp_path, ext):
+    """Whatever the bytes, the error is an AdapterFileError naming the file (the unpickler alone can fail with
+    EOFError, IndexError, UnpicklingError, ... depending on them)."""
+    import random
+    for seed in range(40):
+        path = tmp_path / f"noise{seed}.{ext}"
+        path.write_bytes(random.Random(seed).randbytes(random.Random(seed).randint(1, 4096)))
+        with pytest.raises(AdapterFileError, match=f"noise{seed}.{ext}"):
+            load_adapter(str(path))
+
+
+def test_damaged_bytes_inside_a_real_file_are_refused(tmp_path, base):
+    import random
+    good = open(write_adapter(base, tmp_path / "good.bin"), "rb").read()
+    for seed in range(10):
+        data = bytearray(good)
+        rng = random.Random(seed)
+        for _ in range(20):
+            data[rng.randrange(len(data) // 50)] = rng.randrange(256)  # damage the header and first tensors
+        path = tmp_path / f"damaged{seed}.bin"
+        path.write_bytes(bytes(data))
+        try:
+            load_adapter(str(path))  # damage confined to tensor bytes can still load: that is not an error
+        except IPAdapterError as e:  # unreadable, or readable with impossible shapes: either way named
+            assert f"damaged{seed}.bin" in str(e)
 
 
 class RunsCode:
