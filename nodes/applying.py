@@ -134,3 +134,5 @@ class ApplyAdapterImage(io.ComfyNode):
     def execute(cls, model, adapter, clip_vision, image, weight, start_at, end_at):
         embeds = encode_images(clip_vision, image, adapter)
         return io.NodeOutput(apply_adapter(model, adapter, embeds, weight, start_at, end_at))
+
+NODES = [ApplyAdapter, ApplyAdapterImage]

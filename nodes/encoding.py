@@ -84,3 +84,5 @@ class EncodeImage(io.ComfyNode):
     @classmethod
     def execute(cls, adapter, clip_vision, image):
         return io.NodeOutput(encode_images(clip_vision, image, adapter))
+
+NODES = [EncodeImage]

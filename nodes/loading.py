@@ -53,3 +53,5 @@ class LoadAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, adapter_name):
         return io.NodeOutput(load_adapter_file(adapter_name))
+
+NODES = [LoadAdapter]

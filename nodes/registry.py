@@ -1,12 +1,10 @@
-"""Every node of the pack, and the V3 entry point that hands them to ComfyUI."""
+"""Every node of the pack, and the V3 entry point that hands them to ComfyUI. Each nodes/ module lists its own."""
 from comfy_api.latest import ComfyExtension
 
-from .applying import ApplyAdapter, ApplyAdapterImage
-from .encoding import EncodeImage
-from .loading import LoadAdapter
+from . import applying, encoding, loading
 from .paths import register_model_folder
 
-NODES = [LoadAdapter, EncodeImage, ApplyAdapter, ApplyAdapterImage]
+NODES = [*loading.NODES, *encoding.NODES, *applying.NODES]
 
 
 class IPAdapterExtension(ComfyExtension):
