@@ -135,4 +135,5 @@ class ApplyAdapterImage(io.ComfyNode):
         embeds = encode_images(clip_vision, image, adapter)
         return io.NodeOutput(apply_adapter(model, adapter, embeds, weight, start_at, end_at))
 
+
 NODES = [ApplyAdapter, ApplyAdapterImage]

@@ -85,4 +85,5 @@ class EncodeImage(io.ComfyNode):
     def execute(cls, adapter, clip_vision, image):
         return io.NodeOutput(encode_images(clip_vision, image, adapter))
 
+
 NODES = [EncodeImage]

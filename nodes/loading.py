@@ -54,4 +54,5 @@ class LoadAdapter(io.ComfyNode):
     def execute(cls, adapter_name):
         return io.NodeOutput(load_adapter_file(adapter_name))
 
+
 NODES = [LoadAdapter]
