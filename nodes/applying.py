@@ -58,7 +58,8 @@ def apply_adapter(model, adapter: LoadedAdapter, embeds: ImageEmbeds, weight: fl
     check_model(model, adapter)
     check_embeds_for(adapter.spec, embeds)
     patched = model.clone()
-    prompt = ImagePrompt(adapter.module, embeds.cond, embeds.uncond, weight, sigma_range(patched, start_at, end_at))
+    prompt = ImagePrompt(adapter.module, embeds.cond, embeds.uncond, weight,
+                         sigma_range=sigma_range(patched, start_at, end_at))
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     for layer in SD15_LAYERS:
         current = existing.get(layer.host_key, existing.get(layer.host_key[:2]))

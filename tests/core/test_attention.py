@@ -135,9 +135,9 @@ def test_gate_switches_the_image_term_by_sigma_without_reading_it_on_the_host(ad
 def test_gate_is_computed_once_per_sigmas_tensor(adapter, embeds):
     prompt = ImagePrompt(adapter, *embeds, sigma_range=(5.0, 1.0))
     sigmas = torch.tensor([3.0, 3.0])
-    first = prompt.gate(sigmas, torch.float32)
-    assert prompt.gate(sigmas, torch.float32) is first
-    assert prompt.gate(torch.tensor([3.0, 3.0]), torch.float32) is not first
+    first = prompt.factor(options(sigmas=sigmas), 64, 2, "cpu", torch.float32)
+    assert prompt.factor(options(sigmas=sigmas), 64, 2, "cpu", torch.float32) is first
+    assert prompt.factor(options(sigmas=torch.tensor([3.0, 3.0])), 64, 2, "cpu", torch.float32) is not first
 
 
 def test_image_keys_values_are_projected_once_per_layout(adapter, embeds, monkeypatch):
