@@ -44,3 +44,48 @@ def check_embeds_for(spec: AdapterSpec, embeds: ImageEmbeds) -> None:
 def zero_embeds_uncond(cond: torch.Tensor) -> torch.Tensor:
     """Base / light / vit-G: the unconditional image prompt is the projection of zero image embeddings."""
     return torch.zeros_like(cond)
+
+
+COMBINE_METHODS = ("concat", "add", "subtract", "average", "norm average", "max", "min")
+
+
+def _combine_rows(rows: torch.Tensor, method: str) -> torch.Tensor:
+    """Rows (n, ...) -> one row (1, ...) by an element-wise method."""
+    if method == "add":
+        return rows.sum(0, keepdim=True)
+    if method == "subtract":
+        return rows[:1] - rows[1:].sum(0, keepdim=True)
+    if method == "average":
+        return rows.mean(0, keepdim=True)
+    if method == "norm average":
+        norms = rows.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (rows.ndim - 1))
+        return (rows / norms).mean(0, keepdim=True) * norms.mean()
+    if method == "max":
+        return rows.amax(0, keepdim=True)
+    if method == "min":
+        return rows.amin(0, keepdim=True)
+    raise ValueError(f"unknown combine method '{method}'; one of: {', '.join(COMBINE_METHODS)}")
+
+
+def combine_embeds(embeds: list, method: str = "concat") -> ImageEmbeds:
+    """Several reference images (the rows of one or more ImageEmbeds) as one image prompt.
+
+    concat: every image keeps its tokens (the prompt grows by one image's tokens per image); the others merge the
+    cond rows element-wise into one: add = sum, subtract = first - sum of the rest, average = mean, norm average =
+    mean of the rows each scaled to unit L2 norm, times their mean norm, max / min = element-wise extremes. The
+    uncond of a merged prompt is the mean of the uncond rows (they are equal unless a negative image was given)."""
+    if not embeds:
+        raise ValueError("nothing to combine")
+    first = embeds[0]
+    for other in embeds[1:]:
+        if (other.encoder_output, other.uncond_mode, other.cond.shape[1:]) != \
+                (first.encoder_output, first.uncond_mode, first.cond.shape[1:]):
+            raise EncoderMismatchError(
+                f"cannot combine embeddings of different kinds: {first.encoder_output} {list(first.cond.shape[1:])} "
+                f"({first.uncond_mode}) and {other.encoder_output} {list(other.cond.shape[1:])} "
+                f"({other.uncond_mode}); encode every image with the same adapter and encoder")
+    cond = torch.cat([e.cond for e in embeds])
+    uncond = torch.cat([e.uncond for e in embeds])
+    if method != "concat":
+        cond, uncond = _combine_rows(cond, method), uncond.mean(0, keepdim=True)
+    return ImageEmbeds(cond=cond, uncond=uncond, encoder_output=first.encoder_output, uncond_mode=first.uncond_mode)
