@@ -1,9 +1,12 @@
 """IPX Apply: patch a clone of the model's 16 cross-attention layers with the adapter's decoupled attention."""
+import torch
+
 import comfy.ldm.modules.attention
 import comfy.patcher_extension
 from comfy_api.latest import io
 
-from ..ipadapter_core import SD15_LAYERS, DecoupledCrossAttention, ImagePrompt
+from ..ipadapter_core import BY_TRANSFORMER_INDEX, SD15_LAYERS, DecoupledCrossAttention, ImagePrompt
+from ..ipadapter_core.weights import layer_weights_for, parse_layer_weights, parse_step_schedule
 from ..ipadapter_core.embeds import ImageEmbeds, check_embeds_for
 from ..ipadapter_core.errors import ModelMismatchError
 from ..ipadapter_core.layers import SD15_CROSS_ATTENTION_DIM
@@ -52,14 +55,42 @@ def clear_caches_after_run(executor, *args, **kwargs):
                 patch.clear_cache()
 
 
+def check_mask(mask):
+    """A host MASK ((H, W) or (B, H, W), values 0..1) as (B, H, W); a clear error for anything else."""
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or 0 in mask.shape:
+        raise ValueError(f"the attention mask must be (height, width) or (batch, height, width), got "
+                         f"{list(mask.shape)}")
+    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise ValueError(f"the attention mask must hold values in 0..1 (found {mask.min().item():.3g} .. "
+                         f"{mask.max().item():.3g}); 1 = the image prompt acts, 0 = it does not")
+    return mask.float()
+
+
+def controls_to_prompt_args(weight: float, weight_type: str = "linear", weight_composition: float = 1.0,
+                            layer_weights: str = "", step_weights: str = "") -> dict:
+    """The per-layer and per-step controls as ImagePrompt arguments (layers by official index)."""
+    by_transformer, neutral = layer_weights_for(weight_type, weight, weight_composition)
+    by_transformer.update(parse_layer_weights(layer_weights))
+    return dict(layer_weights={BY_TRANSFORMER_INDEX[t].layer_index: w for t, w in by_transformer.items()},
+                neutral_layers={BY_TRANSFORMER_INDEX[t].layer_index for t in neutral},
+                schedule=parse_step_schedule(step_weights))
+
+
 def apply_adapter(model, adapter: LoadedAdapter, embeds: ImageEmbeds, weight: float, start_at: float = 0.0,
-                  end_at: float = 1.0):
+                  end_at: float = 1.0, *, weight_type: str = "linear", weight_composition: float = 1.0,
+                  layer_weights: str = "", step_weights: str = "", embeds_scaling: str = "V only", mask=None):
     """A clone of ``model`` whose cross-attention layers add this image prompt; ``model`` itself is untouched."""
     check_model(model, adapter)
     check_embeds_for(adapter.spec, embeds)
     patched = model.clone()
-    prompt = ImagePrompt(adapter.module, embeds.cond, embeds.uncond, weight,
-                         sigma_range=sigma_range(patched, start_at, end_at))
+    prompt = ImagePrompt(adapter.module, embeds.cond, embeds.uncond, weight, scaling=embeds_scaling,
+                         sigma_range=sigma_range(patched, start_at, end_at), mask=check_mask(mask),
+                         **controls_to_prompt_args(weight, weight_type, weight_composition, layer_weights,
+                                                   step_weights))
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     for layer in SD15_LAYERS:
         current = existing.get(layer.host_key, existing.get(layer.host_key[:2]))

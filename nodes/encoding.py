@@ -5,7 +5,8 @@ import comfy.clip_vision
 import comfy.model_management
 from comfy_api.latest import io
 
-from ..ipadapter_core.embeds import ImageEmbeds, check_encoder_width, zero_embeds_uncond
+from ..ipadapter_core.embeds import (COMBINE_METHODS, ImageEmbeds, check_encoder_width, combine_embeds,
+                                    zero_embeds_uncond)
 from ..ipadapter_core.errors import EncoderMismatchError
 from ..ipadapter_core.variants import IMAGE_EMBEDS, PENULTIMATE, UNCOND_ZERO_PIXELS
 from .types import CATEGORY, AdapterSocket, EmbedsSocket, LoadedAdapter
@@ -46,17 +47,27 @@ def zero_pixels_output(clip_vision, output: str, count: int) -> torch.Tensor:
     return hidden.expand(count, *hidden.shape[1:]).clone()
 
 
-def encode_images(clip_vision, image: torch.Tensor, adapter: LoadedAdapter) -> ImageEmbeds:
+def encode_images(clip_vision, image: torch.Tensor, adapter: LoadedAdapter, combine: str = "concat",
+                  negative_image: torch.Tensor | None = None) -> ImageEmbeds:
+    """The adapter's encoder output for each image (cond), and the uncond: the negative image's encoding when one is
+    given (one, or one per reference image), else what the variant was trained with. Several images are then
+    combined by ``combine``."""
     spec = adapter.spec
     widths = encoder_widths(clip_vision)
     check_encoder_width(spec, spec.encoder_output, widths[spec.encoder_output], "the connected CLIP vision model")
-    out = clip_vision.encode_image(check_image(image), crop=True)
-    cond = out[spec.encoder_output].to(torch.float32)
-    if spec.uncond == UNCOND_ZERO_PIXELS:
+    cond = clip_vision.encode_image(check_image(image), crop=True)[spec.encoder_output].to(torch.float32)
+    if negative_image is not None:
+        uncond = clip_vision.encode_image(check_image(negative_image), crop=True)[spec.encoder_output].float()
+        if uncond.shape[0] not in (1, cond.shape[0]):
+            raise ValueError(f"{uncond.shape[0]} negative images for {cond.shape[0]} reference images; give one "
+                             f"negative image, or one per reference image")
+        uncond = uncond.expand_as(cond).clone()
+    elif spec.uncond == UNCOND_ZERO_PIXELS:
         uncond = zero_pixels_output(clip_vision, spec.encoder_output, cond.shape[0])
     else:
         uncond = zero_embeds_uncond(cond)
-    return ImageEmbeds(cond=cond, uncond=uncond, encoder_output=spec.encoder_output, uncond_mode=spec.uncond)
+    embeds = ImageEmbeds(cond=cond, uncond=uncond, encoder_output=spec.encoder_output, uncond_mode=spec.uncond)
+    return combine_embeds([embeds], combine) if cond.shape[0] > 1 else embeds
 
 
 class EncodeImage(io.ComfyNode):
@@ -76,14 +87,22 @@ class EncodeImage(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="CLIP vision encoder; ViT-H/14 for SD1.5 adapters "
                                                            "(ViT-bigG/14 for *_vit-G)."),
                 io.Image.Input("image", tooltip="One or more reference images, any size; each is resized and "
-                                                "centre-cropped to the encoder's 224x224."),
+                                                "centre-cropped to the encoder's 224x224 (IPX Prep Reference Image "
+                                                "gives other crops)."),
+                io.Combo.Input("combine", options=list(COMBINE_METHODS), default="concat", optional=True,
+                               tooltip="How several images in the batch become one prompt: concat keeps each "
+                                       "image's tokens; add, subtract (first minus the rest), average, norm average, "
+                                       "max, min merge them element-wise."),
+                io.Image.Input("negative_image", optional=True,
+                               tooltip="Optional image whose encoding replaces the unconditional image prompt (what "
+                                       "CFG steers away from); one, or one per reference image."),
             ],
             outputs=[EmbedsSocket.Output(display_name="embeds", tooltip="Cond and uncond image embeddings.")],
         )
 
     @classmethod
-    def execute(cls, adapter, clip_vision, image):
-        return io.NodeOutput(encode_images(clip_vision, image, adapter))
+    def execute(cls, adapter, clip_vision, image, combine="concat", negative_image=None):
+        return io.NodeOutput(encode_images(clip_vision, image, adapter, combine, negative_image))
 
 
 NODES = [EncodeImage]

@@ -1,10 +1,10 @@
 """Every node of the pack, and the V3 entry point that hands them to ComfyUI. Each nodes/ module lists its own."""
 from comfy_api.latest import ComfyExtension
 
-from . import applying, encoding, loading
-from .paths import register_model_folder
+from . import applying, controls, embeds, encoding, loading, prep
+from .paths import register_model_folders
 
-NODES = [*loading.NODES, *encoding.NODES, *applying.NODES]
+NODES = [*loading.NODES, *prep.NODES, *encoding.NODES, *embeds.NODES, *applying.NODES, *controls.NODES]
 
 
 class IPAdapterExtension(ComfyExtension):
@@ -13,5 +13,5 @@ class IPAdapterExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> ComfyExtension:
-    register_model_folder()
+    register_model_folders()
     return IPAdapterExtension()

@@ -55,7 +55,7 @@ class Graph:
 # an upload-enabled "image" by the upload button: both are widget values with no API input).
 WIDGETS = {
     "CheckpointLoaderSimple": ["ckpt_name"], "CLIPTextEncode": ["text"], "LoadImage": ["image", None],
-    "CLIPVisionLoader": ["clip_name"], "IPXLoadAdapter": ["adapter_name"], "IPXEncodeImage": [],
+    "CLIPVisionLoader": ["clip_name"], "IPXLoadAdapter": ["adapter_name"], "IPXEncodeImage": ["combine"],
     "IPXApplyAdapter": ["weight", "start_at", "end_at"],
     "IPXApplyAdapterImage": ["weight", "start_at", "end_at"],
     "EmptyLatentImage": ["width", "height", "batch_size"],
@@ -116,9 +116,9 @@ def example_base() -> Graph:
                     outputs=[("CLIP_VISION", "CLIP_VISION")], size=(320, 60))
     adapter = g.node("IPXLoadAdapter", "IP-Adapter", (40, 320), ["ip-adapter_sd15.safetensors"],
                      outputs=[("adapter", "IPX_ADAPTER")], size=(320, 60))
-    embeds = g.node("IPXEncodeImage", "Encode reference", (820, 420),
+    embeds = g.node("IPXEncodeImage", "Encode reference", (820, 420), ["concat"],
                     inputs=[("adapter", "IPX_ADAPTER", (adapter, 0)), ("clip_vision", "CLIP_VISION", (vision, 0)),
-                            ("image", "IMAGE", (image, 0))], outputs=[("embeds", "IPX_EMBEDS")], size=(300, 70))
+                            ("image", "IMAGE", (image, 0))], outputs=[("embeds", "IPX_EMBEDS")], size=(300, 100))
     model = g.node("IPXApplyAdapter", "Apply IP-Adapter", (820, 60), [1.0, 0.0, 1.0],
                    inputs=[("model", "MODEL", (ckpt, 0)), ("adapter", "IPX_ADAPTER", (adapter, 0)),
                            ("embeds", "IPX_EMBEDS", (embeds, 0))], outputs=[("MODEL", "MODEL")], size=(320, 130))
