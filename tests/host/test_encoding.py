@@ -110,3 +110,24 @@ def test_sd15_adapter_on_an_sdxl_model_is_refused(api):
     with pytest.raises(api["errors"].ModelMismatchError, match=r"SD1.5 adapter \(cross-attention width 768\); the "
                                                                r"model is Config \(cross-attention width 2048\)"):
         api["check_model"](Patcher(), api["load"]("ip-adapter_sd15.bin"))
+
+
+def test_negative_image_replaces_the_uncond(api, clip_visions):
+    vit_h = clip_visions["vit-h"]
+    negative = image(seed=9)
+    with torch.inference_mode():
+        embeds = api["encode"](vit_h, torch.cat([image(seed=1), image(seed=2)]),
+                               api["load"]("ip-adapter_sd15.bin"), "concat", negative)
+        expected = vit_h.encode_image(negative).image_embeds.float()
+    assert embeds.uncond.shape == (2, 1024)
+    torch.testing.assert_close(embeds.uncond, expected.expand(2, -1))
+
+
+def test_encoder_combine_merges_the_batch(api, clip_visions):
+    batch = torch.cat([image(seed=1), image(seed=2), image(seed=3)])
+    adapter = api["load"]("ip-adapter_sd15.bin")
+    with torch.inference_mode():
+        rows = api["encode"](clip_visions["vit-h"], batch, adapter, "concat")
+        averaged = api["encode"](clip_visions["vit-h"], batch, adapter, "average")
+    assert rows.cond.shape == (3, 1024) and averaged.cond.shape == (1, 1024)
+    torch.testing.assert_close(averaged.cond, rows.cond.mean(0, keepdim=True))
