@@ -58,6 +58,9 @@ WIDGETS = {
     "CLIPVisionLoader": ["clip_name"], "IPXLoadAdapter": ["adapter_name"], "IPXEncodeImage": ["combine"],
     "IPXApplyAdapter": ["weight", "start_at", "end_at"],
     "IPXApplyAdapterImage": ["weight", "start_at", "end_at"],
+    "IPXApplyAdapterAdvanced": ["weight", "start_at", "end_at", "weight_type", "weight_composition", "embeds_scaling",
+                                "layer_weights", "step_weights"],
+    "IPXPrepImage": ["crop_position", "interpolation", "sharpening", "size"],
     "EmptyLatentImage": ["width", "height", "batch_size"],
     "KSampler": ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
     "VAEDecode": [], "SaveImage": ["filename_prefix"],
@@ -169,8 +172,32 @@ def example_stacked() -> Graph:
     return g
 
 
+def example_style() -> Graph:
+    """Style transfer from a non-square reference: padded (not cropped) for the encoder, the prompt acting on the
+    style layers only, fading out over the last third of the run."""
+    g = Graph()
+    ckpt, pos, neg, latent = sd15_front(g)
+    image = reference(g, "Style reference", "reference_style.png", (40, 560))
+    vision = g.node("CLIPVisionLoader", "CLIP vision (ViT-H/14)", (40, 220), [CLIP_VISION],
+                    outputs=[("CLIP_VISION", "CLIP_VISION")], size=(320, 60))
+    adapter = g.node("IPXLoadAdapter", "IP-Adapter plus", (40, 320), ["ip-adapter-plus_sd15.safetensors"],
+                     outputs=[("adapter", "IPX_ADAPTER")], size=(320, 60))
+    prepped = g.node("IPXPrepImage", "Pad to square", (400, 560), ["pad", "bicubic", 0.0, 224],
+                     inputs=[("image", "IMAGE", (image, 0))], outputs=[("IMAGE", "IMAGE")], size=(300, 150))
+    embeds = g.node("IPXEncodeImage", "Encode style reference", (820, 420), ["concat"],
+                    inputs=[("adapter", "IPX_ADAPTER", (adapter, 0)), ("clip_vision", "CLIP_VISION", (vision, 0)),
+                            ("image", "IMAGE", (prepped, 0))], outputs=[("embeds", "IPX_EMBEDS")], size=(300, 100))
+    model = g.node("IPXApplyAdapterAdvanced", "Apply IP-Adapter (style transfer)", (820, 60),
+                   [1.0, 0.0, 1.0, "style transfer", 1.0, "V only", "", "0:1, 0.66:1, 1:0"],
+                   inputs=[("model", "MODEL", (ckpt, 0)), ("adapter", "IPX_ADAPTER", (adapter, 0)),
+                           ("embeds", "IPX_EMBEDS", (embeds, 0))], outputs=[("MODEL", "MODEL")], size=(340, 290))
+    sd15_back(g, model, ckpt, pos, neg, latent)
+    g.note(MODELS_NOTE.format(adapters="ip-adapter-plus_sd15.safetensors"), (820, 560))
+    return g
+
+
 EXAMPLES = {"ipadapter_sd15": example_base, "ipadapter_sd15_plus": example_plus,
-            "ipadapter_sd15_stacked": example_stacked}
+            "ipadapter_sd15_stacked": example_stacked, "ipadapter_sd15_style": example_style}
 
 
 def main():
