@@ -40,10 +40,15 @@ class DecoupledCrossAttention:
     """The attn2 replacement for one layer: text attention (or the replacement that was there before), plus each
     image prompt's weighted attention over its own image keys and values."""
 
-    def __init__(self, layer: CrossAttentionLayer, prompts, attention=sdpa_attention, previous=None, models=()):
+    def __init__(self, layer: CrossAttentionLayer, prompts, attention=sdpa_attention, previous=None, models=(),
+                 image_attention=None):
+        """``attention(q, k, v, heads, attn_precision, skip_output_reshape, transformer_options)`` computes the text
+        attention (and the image attention unless ``image_attention`` is given); ``image_attention(q, k, v,
+        transformer_options)`` takes heads-split (rows, heads, tokens, dim_head) tensors and returns the same."""
         self.layer = layer
         self.prompts = tuple(prompts)
         self.attention = attention
+        self.image_attention = image_attention
         self.previous = previous
         self._models = tuple(models)
 
@@ -59,21 +64,28 @@ class DecoupledCrossAttention:
         out = heads_first(out, batch, tokens, heads)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
         for prompt in self.prompts:
-            ip_k, ip_v = prompt.layer_kv(self.layer.layer_index, cond_or_uncond, batch, q.device, q.dtype)
-            # Attention treats queries independently, so the latents sharing one row of image keys (a cond/uncond
-            # chunk) can be one long sequence: one attention call, no per-latent copies of the keys and values.
-            ip_out = self.attention(q.reshape(ip_k.shape[0], -1, channels), ip_k, ip_v, heads,
-                                    attn_precision=precision, skip_output_reshape=True,
-                                    transformer_options=extra_options)
+            ip_out = self._image_term(prompt, q, heads, precision, cond_or_uncond, extra_options)
             ip_out = heads_first(ip_out, batch, tokens, heads)
             factor = prompt.factor(extra_options, tokens, batch, q.device, out.dtype)
             out = out + ip_out if factor is None else torch.addcmul(out, ip_out, factor)
         return out.transpose(1, 2).reshape(batch, tokens, channels)
 
+    def _image_term(self, prompt, q, heads, precision, cond_or_uncond, extra_options):
+        # Attention treats queries independently, so the latents sharing one row of image keys (a cond/uncond chunk)
+        # can be one long sequence: one attention call, no per-latent copies of the keys and values.
+        batch, _, channels = q.shape
+        if self.image_attention is not None:
+            ip_k, ip_v = prompt.layer_kv(self.layer.layer_index, cond_or_uncond, batch, q.device, q.dtype, heads)
+            q_rows = q.reshape(ip_k.shape[0], -1, heads, channels // heads).transpose(1, 2)
+            return self.image_attention(q_rows, ip_k, ip_v, extra_options)
+        ip_k, ip_v = prompt.layer_kv(self.layer.layer_index, cond_or_uncond, batch, q.device, q.dtype)
+        return self.attention(q.reshape(ip_k.shape[0], -1, channels), ip_k, ip_v, heads, attn_precision=precision,
+                              skip_output_reshape=True, transformer_options=extra_options)
+
     def stacked(self, prompt: ImagePrompt, models=()):
         """A new patch with one more image prompt; this one is left as it is."""
         return DecoupledCrossAttention(self.layer, self.prompts + (prompt,), self.attention, self.previous,
-                                       self._models + tuple(models))
+                                       self._models + tuple(models), self.image_attention)
 
     def to(self, device_or_dtype):
         # Caches are keyed by device and dtype, and the adapter weights travel through models(): nothing to move.
@@ -90,4 +102,5 @@ class DecoupledCrossAttention:
     def __deepcopy__(self, memo):
         # The host deep-copies model options on every clone: share the prompts (weights, embeddings, caches).
         previous = copy.deepcopy(self.previous, memo) if self.previous is not None else None
-        return DecoupledCrossAttention(self.layer, self.prompts, self.attention, previous, self._models)
+        return DecoupledCrossAttention(self.layer, self.prompts, self.attention, previous, self._models,
+                                       self.image_attention)

@@ -101,10 +101,11 @@ class ImagePrompt:
                 self._tokens[key] = tokens
         return tokens
 
-    def layer_kv(self, layer_index: int, cond_or_uncond, batch: int, device, dtype):
+    def layer_kv(self, layer_index: int, cond_or_uncond, batch: int, device, dtype, heads=None):
         """Image keys and values for one layer in the host's cond/uncond chunk order: (rows, tokens, channels) each,
-        one row per chunk (its latents share them: no per-latent copies) or, with ``per_latent``, per latent."""
-        key = (layer_index, tuple(cond_or_uncond), device, dtype)
+        one row per chunk (its latents share them: no per-latent copies) or, with ``per_latent``, per latent. With
+        ``heads``, split into (rows, heads, tokens, dim_head) views."""
+        key = (layer_index, tuple(cond_or_uncond), device, dtype, heads)
         kv = self._kv.get(key) if self.cache else None
         if kv is None:
             ip_k, ip_v = self.adapter.project_kv(layer_index, self.image_tokens())
@@ -112,6 +113,8 @@ class ImagePrompt:
             neutral = layer_index in self.neutral_layers
             rows = [1 if c == 1 or neutral else 0 for c in cond_or_uncond]
             kv = tuple(torch.cat([t[r] for r in rows]).to(device, dtype) for t in (ip_k, ip_v))
+            if heads is not None:
+                kv = tuple(t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in kv)
             if self.cache:
                 self._kv[key] = kv
         if self.per_latent and kv[0].shape[0] != batch:

@@ -133,3 +133,25 @@ def test_image_kv_cache_is_dropped_when_the_run_ends(api, host_sd15, inputs):
     prompt = next(iter(model.model_options["transformer_options"]["patches_replace"]["attn2"].values())).prompts[0]
     predict_noise(model, inputs["noise"], sigma_at(host_sd15, TIMESTEP), inputs["cond"], inputs["uncond"])
     assert prompt._kv == {} and prompt._tokens == {}
+
+
+def test_fast_image_attention_path_equals_the_hosts_attention(api, host_sd15, inputs, monkeypatch):
+    """Where the host runs PyTorch attention (GPUs), the image attention calls PyTorch's fused attention directly;
+    on this CPU the host runs sub-quadratic attention. Both must give the same numbers."""
+    import comfy.ldm.modules.attention as attention
+    adapter = api["load"]("ip-adapter-plus_sd15.safetensors")
+    embeds = api["ImageEmbeds"](torch.randn(1, 257, 1280), torch.randn(1, 257, 1280), "penultimate_hidden_states",
+                                "zero_pixels")
+    model = api["apply"](host_sd15, adapter, embeds, 1.0)
+    sigma = sigma_at(host_sd15, TIMESTEP)
+    hosts = predict_noise(model, inputs["noise"], sigma, inputs["cond"], inputs["uncond"])
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: calls.append(k.shape) or sdpa(q, k, v,
+                                                                                                            **kw))
+    fast = predict_noise(model, inputs["noise"], sigma, inputs["cond"], inputs["uncond"])
+    image_calls = [shape for shape in calls if shape[-2] == 16]  # 16 image tokens; the text has 77
+    assert len(image_calls) == 16 and len(calls) == 32
+    for a, b in zip(hosts, fast):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
