@@ -150,7 +150,14 @@ def test_fast_image_attention_path_equals_the_hosts_attention(api, host_sd15, in
     monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: calls.append(k.shape) or sdpa(q, k, v,
                                                                                                             **kw))
+    import comfy.ops
+    through_host = []
+    host_sdpa = comfy.ops.scaled_dot_product_attention
+    monkeypatch.setattr(comfy.ops, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: through_host.append(k.shape) or host_sdpa(q, k, v, *a, **kw))
     fast = predict_noise(model, inputs["noise"], sigma, inputs["cond"], inputs["uncond"])
     assert len([shape for shape in calls if shape[-2] == 32]) == 16
+    assert [shape for shape in through_host if shape[-2] == 32] == [], "the image attention skips the host's wrappers"
+    assert len([s for s in through_host if s[-2] == 77]) == 16, "the text attention still goes through the host"
     for a, b in zip(hosts, fast):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
