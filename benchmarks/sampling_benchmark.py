@@ -29,7 +29,12 @@ VARIANT_EMBEDS = {  # encoder output shapes per reference image, and the uncond 
     "plus": ((257, 1280), "penultimate_hidden_states", "zero_pixels"),
     "full_face": ((257, 1280), "penultimate_hidden_states", "zero_pixels"),
 }
-CONFIGS = {"plain": [], "sd15": ["sd15"], "plus": ["plus"], "full_face": ["full_face"], "stacked": ["sd15", "plus"]}
+CONFIGS = {"plain": [], "sd15": ["sd15"], "plus": ["plus"], "full_face": ["full_face"], "stacked": ["sd15", "plus"],
+           "masked": ["sd15"], "scheduled": ["sd15"]}
+EXTRA = {  # apply options per config: a mask over the left half; a start/end range plus a fading step schedule
+    "masked": lambda size: {"mask": torch.cat([torch.ones(1, size, size // 2), torch.zeros(1, size, size // 2)], 2)},
+    "scheduled": lambda size: {"start_at": 0.0, "end_at": 0.9, "step_weights": "0:1, 0.5:1, 1:0.2"},
+}
 
 
 def parse_args(argv=None):
@@ -78,7 +83,7 @@ def build_adapters(nodes, folder):
     return adapters
 
 
-def patched_models(nodes, base, adapters, configs):
+def patched_models(nodes, base, adapters, configs, size):
     applying = sys.modules[nodes.NODE_CLASS_MAPPINGS["IPXApplyAdapter"].__module__]
     embeds_module = sys.modules[applying.__package__.rsplit(".", 1)[0] + ".ipadapter_core.embeds"]
     g = torch.Generator().manual_seed(5)
@@ -90,7 +95,9 @@ def patched_models(nodes, base, adapters, configs):
             cond = torch.randn((1, *shape), generator=g)
             uncond = torch.zeros_like(cond) if uncond_mode == "zero_embeds" else torch.randn((1, *shape), generator=g)
             embeds = embeds_module.ImageEmbeds(cond, uncond, output, uncond_mode)
-            model = applying.apply_adapter(model, adapters[variant], embeds, 0.8)
+            options = EXTRA.get(name, lambda _: {})(size)
+            start, end = options.pop("start_at", 0.0), options.pop("end_at", 1.0)
+            model = applying.apply_adapter(model, adapters[variant], embeds, 0.8, start, end, **options)
         models[name] = model
     return models
 
@@ -193,7 +200,7 @@ def main(argv=None):
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
         base = build_sd15(args.device)
         adapters = build_adapters(nodes, folder)
-        models = patched_models(nodes, base, adapters, args.configs)
+        models = patched_models(nodes, base, adapters, args.configs, args.size)
         report = {"comfyui": comfyui_version(path), "torch": torch.__version__, "device": args.device,
                   "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "size": args.size,
                   "steps": args.steps, "sampler": "euler", "cfg": 7.0, "rounds": args.rounds, "results": {}}
