@@ -61,13 +61,17 @@ class DecoupledCrossAttention:
         else:
             out = self.attention(q, k, v, heads, attn_precision=precision, skip_output_reshape=True,
                                  transformer_options=extra_options)
-        out = heads_first(out, batch, tokens, heads)
+        if out.ndim != 4 or out.shape[0] != batch:
+            out = heads_first(out, batch, tokens, heads)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
         for prompt in self.prompts:
             ip_out = self._image_term(prompt, q, heads, precision, cond_or_uncond, extra_options)
-            ip_out = heads_first(ip_out, batch, tokens, heads)
-            factor = prompt.factor(extra_options, tokens, batch, q.device, out.dtype)
-            out = out + ip_out if factor is None else torch.addcmul(out, ip_out, factor)
+            if ip_out.ndim != 4 or ip_out.shape[0] != batch:
+                ip_out = heads_first(ip_out, batch, tokens, heads)
+            if prompt.has_factor:
+                out = torch.addcmul(out, ip_out, prompt.factor(extra_options, tokens, batch, q.device, out.dtype))
+            else:
+                out = out + ip_out
         return out.transpose(1, 2).reshape(batch, tokens, channels)
 
     def _image_term(self, prompt, q, heads, precision, cond_or_uncond, extra_options):

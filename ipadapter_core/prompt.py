@@ -76,6 +76,7 @@ class ImagePrompt:
         self.mask = mask
         self.cache = cache
         self.per_latent = per_latent
+        self.has_factor = mask is not None or sigma_range is not None or schedule is not None
         self.clear_cache()
 
     def clear_cache(self):
@@ -163,7 +164,7 @@ class ImagePrompt:
             self._tables = {key: entry}
         _, above, table = entry
         index = (above > sigma).sum().clamp(max=table.shape[0] - 1)
-        return table[index]
+        return table.index_select(0, index.reshape(1))  # not table[index]: that reads the index back to the host
 
     def _mask_factor(self, extra_options, tokens: int, batch: int, device, dtype):
         if self.mask is None:
