@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--comfyui", help="ComfyUI folder (default: found as the tests find it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every configuration's UNet (inductor) "
+                                                          "through the host's own compile wrapper")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.rounds, args.warmup, args.batches = 64, 2, 1, 0, [1]
@@ -100,6 +102,15 @@ def patched_models(nodes, base, adapters, configs, size):
             model = applying.apply_adapter(model, adapters[variant], embeds, 0.8, start, end, **options)
         models[name] = model
     return models
+
+
+def compiled(models):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    result = {}
+    for name, model in models.items():
+        result[name] = model.clone()
+        set_torch_compile_wrapper(result[name], backend="inductor")
+    return result
 
 
 def sample(model, args, batch, seed):
@@ -201,9 +212,12 @@ def main(argv=None):
         base = build_sd15(args.device)
         adapters = build_adapters(nodes, folder)
         models = patched_models(nodes, base, adapters, args.configs, args.size)
+        if args.compile:
+            models = compiled(models)
         report = {"comfyui": comfyui_version(path), "torch": torch.__version__, "device": args.device,
                   "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "size": args.size,
-                  "steps": args.steps, "sampler": "euler", "cfg": 7.0, "rounds": args.rounds, "results": {}}
+                  "steps": args.steps, "sampler": "euler", "cfg": 7.0, "rounds": args.rounds,
+                  "compiled": args.compile, "results": {}}
         for batch in args.batches:
             report["results"][f"batch{batch}"] = measure(models, args, batch)
     print(f"{'config':<12}{'batch':>6}{'median s':>10}{'ratio':>8}{'+syncs':>8}{'+kern/step':>11}{'+MiB':>9}")
