@@ -181,7 +181,11 @@ def measure(models, args, batch):
         median = statistics.median(values)
         entry = {"median_s": round(median, 5), "min_s": round(min(values), 5), "max_s": round(max(values), 5)}
         if plain:
-            entry["ratio"] = round(median / plain, 4)
+            # Paired within each round (the machine's speed drifts between rounds): the median of the per-round
+            # ratios, and the ratio of the medians and of the fastest runs for comparison.
+            paired = [t / p for t, p in zip(values, times["plain"])]
+            entry.update(ratio=round(statistics.median(paired), 4), ratio_of_medians=round(median / plain, 4),
+                         ratio_of_minimums=round(min(values) / min(times["plain"]), 4))
         if args.device == "cuda":
             entry["syncs"] = count_syncs(models[name], args, batch)
             kernels[name] = count_kernels(models[name], args, batch)
@@ -220,10 +224,12 @@ def main(argv=None):
                   "compiled": args.compile, "results": {}}
         for batch in args.batches:
             report["results"][f"batch{batch}"] = measure(models, args, batch)
-    print(f"{'config':<12}{'batch':>6}{'median s':>10}{'ratio':>8}{'+syncs':>8}{'+kern/step':>11}{'+MiB':>9}")
+    print(f"{'config':<12}{'batch':>6}{'median s':>10}{'ratio':>8}{'min ratio':>10}{'+syncs':>8}{'+kern/step':>11}"
+          f"{'+MiB':>9}")
     for key, results in report["results"].items():
         for name, e in results.items():
             print(f"{name:<12}{key[5:]:>6}{e['median_s']:>10.4f}{e.get('ratio', 0):>8.3f}"
+                  f"{e.get('ratio_of_minimums', 0):>10.3f}"
                   f"{e.get('added_syncs', '-'):>8}{e.get('added_kernels_per_step', '-'):>11}"
                   f"{e.get('added_peak_mib', '-'):>9}")
     print(json.dumps(report))
