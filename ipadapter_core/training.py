@@ -119,12 +119,15 @@ class AdapterDenoiser(nn.Module):
     """UNet noise prediction with the adapter's image prompt in every cross-attention layer. Its only parameters are
     the adapter's: the UNet is reached through ``unet_call``, which is deliberately not a submodule."""
 
-    def __init__(self, adapter: IPAdapter, unet_call, attention=sdpa_attention, compute_dtype=torch.float32,
-                 base_options: dict | None = None):
+    def __init__(self, adapter: IPAdapter, unet_call, attention=sdpa_attention, image_attention=None,
+                 compute_dtype=torch.float32, base_options: dict | None = None):
+        """``attention`` / ``image_attention``: as DecoupledCrossAttention takes them (the apply node's own, so
+        that training computes exactly what inference will)."""
         super().__init__()
         self.adapter = adapter
         object.__setattr__(self, "_unet_call", unet_call)  # never registered, whatever it is
         self._attention = attention
+        self._image_attention = image_attention
         self.compute_dtype = compute_dtype
         self._base_options = dict(base_options or {})
 
@@ -133,8 +136,8 @@ class AdapterDenoiser(nn.Module):
         replace = base.get("patches_replace", {})
         existing = replace.get("attn2", {})
         attn2 = {layer.host_key: DecoupledCrossAttention(
-            layer, [prompt], self._attention, previous=existing.get(layer.host_key, existing.get(layer.host_key[:2])))
-            for layer in SD15_LAYERS}
+            layer, [prompt], self._attention, previous=existing.get(layer.host_key, existing.get(layer.host_key[:2])),
+            image_attention=self._image_attention) for layer in SD15_LAYERS}
         return {**base, "patches_replace": {**replace, "attn2": attn2}, "cond_or_uncond": [0]}
 
     def forward(self, noisy_latents, timesteps, contexts, image_embeds):
@@ -156,8 +159,8 @@ class AdapterTrainer:
 
     def __init__(self, adapter: IPAdapter, unet_call, *, num_examples: int, dropped: DroppedInputs,
                  alphas_cumprod: torch.Tensor, latent_scale: float, settings: TrainingSettings = TrainingSettings(),
-                 device="cpu", compute_dtype=torch.float32, attention=sdpa_attention, base_options=None, rank: int = 0,
-                 world_size: int = 1):
+                 device="cpu", compute_dtype=torch.float32, attention=sdpa_attention, image_attention=None,
+                 base_options=None, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
         self.settings = settings
         self.num_examples = num_examples
@@ -166,7 +169,8 @@ class AdapterTrainer:
         self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
         self.latent_scale = float(latent_scale)
         self.adapter = adapter.to(self.device, torch.float32).train().requires_grad_(True)
-        self.denoiser = AdapterDenoiser(self.adapter, unet_call, attention, compute_dtype, base_options)
+        self.denoiser = AdapterDenoiser(self.adapter, unet_call, attention, image_attention, compute_dtype,
+                                        base_options)
         self.model = self._distributed(self.denoiser) if world_size > 1 else self.denoiser
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay, fused=self.device.type == "cuda")
@@ -177,7 +181,7 @@ class AdapterTrainer:
 
     def _distributed(self, module):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)  # the adapter has no buffers
 
     def _inputs(self, examples: EncodedExamples, positions):
         examples = examples.to(self.device)
