@@ -105,16 +105,12 @@ def adapter_spec(args, core, clip_vision, glue):
 
 def encode_all(dataset, encoders, args, rank, world_size, group, core):
     """Every image through the encoders once, shared by all processes; returns fetch(indices)."""
-    started, done = time.perf_counter(), [0]
-
-    def progress(count):
-        done[0] += count
-        if rank == 0 and (done[0] == count or done[0] % 256 < count):
-            print(f"encoding: {min(done[0] * world_size, len(dataset))}/{len(dataset)} images", flush=True)
-
-    examples = core["train_data"].encode_dataset(
-        dataset, lambda b: encoders.encode(b["target"], b["reference"], b["text"]), args.batch_size, rank,
-        world_size, args.num_workers, group, progress)
+    from tqdm import tqdm
+    started = time.perf_counter()
+    with tqdm(total=len(dataset), desc="encoding", unit="img", disable=rank != 0, dynamic_ncols=True) as bar:
+        examples = core["train_data"].encode_dataset(
+            dataset, lambda b: encoders.encode(b["target"], b["reference"], b["text"]), args.batch_size, rank,
+            world_size, args.num_workers, group, lambda count: bar.update(min(count * world_size, bar.total - bar.n)))
     log.info("encoded %d images in %.1f s", len(dataset), time.perf_counter() - started)
     return examples.select
 
@@ -141,14 +137,17 @@ def prepare_data(args, glue, core, device, rank, world_size, group):
     encoded here and the encoders are released before the UNet is loaded."""
     import comfy.clip_vision
     import comfy.sd
+    dataset = core["train_data"].ImageTextDataset(core["train_data"].read_dataset(args.data_json, args.data_root),
+                                                  args.resolution)
     storage = glue.compute_dtype(args.precision, device) if device.type == "cuda" else torch.float32
+    for path in (args.checkpoint, args.clip_vision, args.init_adapter):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist")
     clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True,
                                                       output_model=False)[1:3]
     clip_vision = comfy.clip_vision.load(args.clip_vision)
     spec, start = adapter_spec(args, core, clip_vision, glue)
     encoders = glue.HostEncoders(vae, clip, clip_vision, spec, storage_dtype=storage)
-    dataset = core["train_data"].ImageTextDataset(core["train_data"].read_dataset(args.data_json, args.data_root),
-                                                  args.resolution)
     dropped = encoders.dropped()
     if args.no_cache:
         return spec, start, dataset, dropped, None, encoders
