@@ -13,6 +13,7 @@ prompt), or both. The target latent is ``latent_scale * (mean + std * eps)`` fro
 ``latent_dist.sample() * scaling_factor``), noised at a uniform integer timestep t:
 ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise`` with ``a_t`` the model's cumulative alpha; the UNet predicts ``noise``.
 """
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -107,7 +108,10 @@ def rank_positions(samples_seen: int, batch_size: int, world_size: int = 1, rank
     return list(range(start, start + batch_size))
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_order(seed: int, epoch: int, count: int) -> torch.Tensor:
+    """The order of the ``count`` examples in one epoch (kept for the few epochs a run is in: a large dataset's
+    permutation is not drawn again on every step)."""
     generator = torch.Generator().manual_seed(_seed_of(seed, "epoch", epoch))
     return torch.randperm(count, generator=generator)
 
@@ -116,14 +120,7 @@ def dataset_indices(seed: int, positions, count: int) -> list:
     """The example each position reads: a fresh random permutation of the ``count`` examples in every epoch."""
     if count <= 0:
         raise ValueError("the dataset is empty: training needs at least one example")
-    orders = {}
-    out = []
-    for p in positions:
-        epoch = p // count
-        if epoch not in orders:
-            orders[epoch] = epoch_order(seed, epoch, count)
-        out.append(int(orders[epoch][p % count]))
-    return out
+    return [int(epoch_order(seed, p // count, count)[p % count]) for p in positions]
 
 
 def draw(seed: int, positions, latent_shape, drops: DropRates, num_timesteps: int = NUM_TIMESTEPS) -> Draws:

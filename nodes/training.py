@@ -7,6 +7,7 @@ import types
 
 import torch
 
+import comfy.clip_vision
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
@@ -23,7 +24,7 @@ from ..ipadapter_core.train_data import captions_for, resize_and_center_crop
 from ..ipadapter_core.train_unet import frozen_unet, text_kv_weights, unet_call
 from ..ipadapter_core.training import (TRAINABLE_VARIANTS, AdapterTrainer, TrainingSettings, adapter_from_start,
                                        init_adapter, new_adapter_spec)
-from ..ipadapter_core.variants import IMAGE_EMBEDS, UNCOND_ZERO_PIXELS
+from ..ipadapter_core.variants import IMAGE_EMBEDS, PENULTIMATE, UNCOND_ZERO_PIXELS
 from .applying import check_model, host_attention, host_image_attention
 from .encoding import check_image, encoder_widths, zero_pixels_output
 from .paths import FOLDER
@@ -55,13 +56,23 @@ def schedule(model_patcher):
     return alphas_cumprod_from_sigmas(sampling.sigmas.detach().cpu()), model_patcher.model.latent_format.scale_factor
 
 
+def ensure_loaded(patcher) -> None:
+    """Load a model through the host's memory management unless it is loaded already: asking again on every step
+    would make the host re-check (and, below high-VRAM mode, empty) PyTorch's memory cache every time."""
+    if patcher not in comfy.model_management.loaded_models():
+        comfy.model_management.load_models_gpu([patcher])
+
+
 class HostEncoders:
     """The frozen encoders, as the official script runs them: the VAE's posterior moments of the targets, the CLIP
-    vision output the adapter reads for the references, and the text encoder's hidden states for the captions."""
+    vision output the adapter reads for the references, and the text encoder's hidden states for the captions.
+    Results are ``storage_dtype`` on ``output_device``: the CPU to cache them, the training device to use them at
+    once (then nothing is copied back to the CPU and no step waits for the GPU)."""
 
-    def __init__(self, vae, clip, clip_vision, spec, storage_dtype=torch.float32, chunk: int = 8):
+    def __init__(self, vae, clip, clip_vision, spec, storage_dtype=torch.float32, output_device="cpu",
+                 chunk: int = 8):
         self.vae, self.clip, self.clip_vision, self.spec = vae, clip, clip_vision, spec
-        self.storage_dtype, self.chunk = storage_dtype, chunk
+        self.storage_dtype, self.output_device, self.chunk = storage_dtype, torch.device(output_device), chunk
         check_encoder_width(spec, spec.encoder_output, encoder_widths(clip_vision)[spec.encoder_output],
                             "the connected CLIP vision model")
         stage = getattr(vae, "first_stage_model", None)
@@ -70,15 +81,20 @@ class HostEncoders:
                                      "the SD1.5 checkpoint's VAE")
         self._contexts = {}
 
+    def _out(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Never non-blocking into the CPU: such a copy may be read before it has landed.
+        return tensor.to(self.output_device, self.storage_dtype, non_blocking=self.output_device.type != "cpu")
+
     @torch.no_grad()
     def latent_moments(self, targets: torch.Tensor) -> torch.Tensor:
         """(n, 3, h, w) images in 0..1 -> (n, 8, h/8, w/8) posterior mean and log-variance."""
-        comfy.model_management.load_models_gpu([self.vae.patcher])
+        ensure_loaded(self.vae.patcher)
         stage = self.vae.first_stage_model
         parts = []
         for start in range(0, targets.shape[0], self.chunk):
-            pixels = self.vae.process_input(targets[start:start + self.chunk]).to(self.vae.device, self.vae.vae_dtype)
-            parts.append(stage.quant_conv(stage.encoder(pixels)).to("cpu", self.storage_dtype))
+            pixels = targets[start:start + self.chunk].to(self.vae.device, non_blocking=True)
+            parts.append(self._out(stage.quant_conv(stage.encoder(self.vae.process_input(pixels).to(
+                self.vae.vae_dtype)))))
         moments = torch.cat(parts)
         if moments.shape[1] != 8:
             raise ModelMismatchError(f"the VAE gives {moments.shape[1] // 2} latent channels; SD1.5's has 4")
@@ -86,15 +102,23 @@ class HostEncoders:
 
     @torch.no_grad()
     def image_embeds(self, references: torch.Tensor) -> torch.Tensor:
-        """(n, h, w, c) images in 0..1 -> what the adapter reads from the encoder, one row per image."""
-        out = self.clip_vision.encode_image(check_image(references), crop=True)[self.spec.encoder_output]
-        return out.to("cpu", self.storage_dtype)
+        """(n, h, w, c) images in 0..1 -> what the adapter reads from the encoder, one row per image. The host's
+        ClipVisionModel.encode_image, but leaving the output on the device (encode_image moves it to the CPU)."""
+        clip_vision = self.clip_vision
+        ensure_loaded(clip_vision.patcher)
+        pixels = comfy.clip_vision.clip_preprocess(
+            check_image(references).to(clip_vision.load_device, non_blocking=True), size=clip_vision.image_size,
+            mean=clip_vision.image_mean, std=clip_vision.image_std, crop=True)
+        # On a GPU in the encoder's own dtype, as the official training runs it (encode_image runs it in float32).
+        pixels = pixels.to(clip_vision.dtype if pixels.device.type == "cuda" else torch.float32)
+        out = clip_vision.model(pixel_values=pixels, intermediate_output=-2)
+        return self._out(out[1] if self.spec.encoder_output == PENULTIMATE else out[2])
 
     @torch.no_grad()
     def context(self, caption: str) -> torch.Tensor:
         if caption not in self._contexts:
             cond = self.clip.encode_from_tokens(self.clip.tokenize(caption))
-            self._contexts[caption] = self._truncated(cond).to("cpu", self.storage_dtype)
+            self._contexts[caption] = self._out(self._truncated(cond))
         return self._contexts[caption]
 
     @staticmethod
@@ -113,7 +137,7 @@ class HostEncoders:
         else:
             width = encoder_widths(self.clip_vision)[IMAGE_EMBEDS]
             embeds = torch.zeros(1, width)
-        return DroppedInputs(embeds.to("cpu", self.storage_dtype), self.context(""))
+        return DroppedInputs(self._out(embeds), self.context(""))
 
     def encode(self, targets, references, captions) -> EncodedExamples:
         contexts = torch.cat([self.context(c) for c in captions])
@@ -172,7 +196,7 @@ def train_adapter(model, clip, vae, clip_vision, images, captions: str, settings
     device = comfy.model_management.get_torch_device()
     dtype = compute_dtype(precision, device)
     with torch.inference_mode(False), torch.enable_grad():
-        encoders = HostEncoders(vae, clip, clip_vision, spec)
+        encoders = HostEncoders(vae, clip, clip_vision, spec, output_device="cpu" if cache else device)
         fetch, count = training_examples(encoders, images, resolution, captions, conditioning, cache)
         comfy.model_management.load_models_gpu([model])
         unet = frozen_unet(model.model.diffusion_model, dtype, device, copy_weights=True)

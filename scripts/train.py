@@ -92,6 +92,17 @@ def pack_modules(host_nodes):
     return glue, {name: importlib.import_module(f"{root}.ipadapter_core.{name}") for name in names}
 
 
+def import_training_host(path, device):
+    """The host in this process. On a GPU in high-VRAM mode: loaded models stay loaded, so that encoders run on every
+    step (--no-cache) do not make the host empty PyTorch's memory cache on every step."""
+    if device.type == "cuda":
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+        from comfy.cli_args import args as host_args
+        host_args.highvram = True
+    return import_host(path, cpu=device.type == "cpu")
+
+
 # --- models and data -------------------------------------------------------------------------------------------------
 
 def adapter_spec(args, core, clip_vision, glue):
@@ -147,7 +158,8 @@ def prepare_data(args, glue, core, device, rank, world_size, group):
                                                       output_model=False)[1:3]
     clip_vision = comfy.clip_vision.load(args.clip_vision)
     spec, start = adapter_spec(args, core, clip_vision, glue)
-    encoders = glue.HostEncoders(vae, clip, clip_vision, spec, storage_dtype=storage)
+    encoders = glue.HostEncoders(vae, clip, clip_vision, spec, storage_dtype=storage,
+                                 output_device=device if args.no_cache else "cpu")
     dropped = encoders.dropped()
     if args.no_cache:
         return spec, start, dataset, dropped, None, encoders
@@ -246,7 +258,7 @@ def main(argv=None) -> int:
     if path is None:
         print(f"error: ComfyUI not found: {how}", file=sys.stderr)
         return 2
-    glue, core = pack_modules(import_host(path, cpu=device.type == "cpu"))
+    glue, core = pack_modules(import_training_host(path, device))
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     try:
         trainer, fetch, spec = build_trainer(args, glue, core, device, rank, world_size, group)
