@@ -64,6 +64,10 @@ WIDGETS = {
     "EmptyLatentImage": ["width", "height", "batch_size"],
     "KSampler": ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
     "VAEDecode": [], "SaveImage": ["filename_prefix"],
+    "IPXTrainAdapter": ["captions", "steps", "batch_size", "grad_accumulation", "learning_rate", "weight_decay",
+                        "image_drop", "text_drop", "both_drop", "seed", None, "variant", "resolution", "precision",
+                        "cache_encodings"],
+    "IPXSaveAdapter": ["filename_prefix", "dtype"],
 }
 
 
@@ -196,8 +200,45 @@ def example_style() -> Graph:
     return g
 
 
+TRAIN_NOTE = (
+    "Training an IP-Adapter on your images, then using it at once.\n"
+    "Model files (ComfyUI/models/...):\n"
+    f"- checkpoints/{CHECKPOINT}: the SD1.5 checkpoint to train against (frozen)\n"
+    f"- clip_vision/{CLIP_VISION}: the ViT-H/14 image encoder the adapter reads\n"
+    "- ipadapter/: where IPX Save IP-Adapter writes the trained adapter (ipx_trained_00001_.safetensors, ...), "
+    "ready for IPX Load IP-Adapter\n"
+    "As shipped this is a quick demo (one image, 20 steps at 256 px) that runs even on a CPU. For real training: "
+    "many images (e.g. the host's Load Image Dataset from Folder), one caption per line, resolution 512, batch 8, "
+    "thousands of steps, on a GPU; connect the loss output to Plot Loss Graph to watch it fall. Headless and on "
+    "several GPUs: scripts/train.py.")
+
+
+def example_train() -> Graph:
+    """Train a new base adapter on the reference image, save it, and sample with it right away."""
+    g = Graph()
+    ckpt, pos, neg, latent = sd15_front(g)
+    image = reference(g, "Training image", "reference.png", (40, 560))
+    vision = g.node("CLIPVisionLoader", "CLIP vision (ViT-H/14)", (40, 220), [CLIP_VISION],
+                    outputs=[("CLIP_VISION", "CLIP_VISION")], size=(320, 60))
+    adapter = g.node("IPXTrainAdapter", "Train IP-Adapter", (820, 60),
+                     ["a portrait photo of a person", 20, 1, 1, 0.0001, 0.01, 0.05, 0.05, 0.05, 0, "fixed", "sd15",
+                      256, "auto", True],
+                     inputs=[("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("vae", "VAE", (ckpt, 2)),
+                             ("clip_vision", "CLIP_VISION", (vision, 0)), ("images", "IMAGE", (image, 0))],
+                     outputs=[("adapter", "IPX_ADAPTER"), ("loss", "LOSS_MAP")], size=(380, 620))
+    g.node("IPXSaveAdapter", "Save trained adapter", (820, 720), ["ipx_trained", "fp16"],
+           inputs=[("adapter", "IPX_ADAPTER", (adapter, 0))], outputs=[("adapter_name", "STRING")], size=(380, 110))
+    model = g.node("IPXApplyAdapterImage", "Apply the trained adapter", (1250, 60), [1.0, 0.0, 1.0],
+                   inputs=[("model", "MODEL", (ckpt, 0)), ("adapter", "IPX_ADAPTER", (adapter, 0)),
+                           ("clip_vision", "CLIP_VISION", (vision, 0)), ("image", "IMAGE", (image, 0))],
+                   outputs=[("MODEL", "MODEL")], size=(320, 170))
+    sd15_back(g, model, ckpt, pos, neg, latent, x=1650)
+    g.note(TRAIN_NOTE, (400, 600), size=(380, 300))
+    return g
+
+
 EXAMPLES = {"ipadapter_sd15": example_base, "ipadapter_sd15_plus": example_plus,
-            "ipadapter_sd15_stacked": example_stacked, "ipadapter_sd15_style": example_style}
+            "ipadapter_sd15_stacked": example_stacked, "ipadapter_sd15_style": example_style, "ipadapter_sd15_train": example_train}
 
 
 def main():
