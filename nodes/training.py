@@ -191,7 +191,7 @@ def train_adapter(model, clip, vae, clip_vision, images, captions: str, settings
     """Train an adapter on the host's models and images; returns (LoadedAdapter, [loss per step]). The input
     model, encoders and starting adapter are left as they were."""
     spec = start.spec if start is not None else new_adapter_spec(
-        variant, encoder_widths(clip_vision)[IMAGE_EMBEDS if variant == "sd15" else "penultimate_hidden_states"])
+        variant, encoder_widths(clip_vision)[IMAGE_EMBEDS if variant == "sd15" else PENULTIMATE])
     check_model(model, types.SimpleNamespace(name=start.name if start else f"the new {spec.variant} adapter"))
     device = comfy.model_management.get_torch_device()
     dtype = compute_dtype(precision, device)

@@ -67,8 +67,9 @@ def run_node(host, model, encoders, images, **inputs):
 
 
 def fingerprint(module) -> dict:
-    """{name: (data pointer, float64 sum, float64 sum of squares)}: changes if any weight is replaced or altered."""
-    return {name: (t.data_ptr(), t.double().sum().item(), t.double().square().sum().item(), t.requires_grad)
+    """{name: (float64 sum, float64 sum of squares, requires_grad)}: changes if any weight's values or flag change
+    (the host's own memory management may swap a weight's storage for an equal one: that is not a change)."""
+    return {name: (t.double().sum().item(), t.double().square().sum().item(), t.requires_grad)
             for name, t in module.state_dict(keep_vars=True).items()}
 
 
@@ -136,7 +137,8 @@ def test_loss_falls_when_overfitting_four_images(overfit):
 
 def test_frozen_models_and_the_input_model_are_left_as_they_were(overfit):
     for name, before in overfit.before.items():
-        assert overfit.after[name] == before, f"the {name} changed"
+        changed = [key for key, value in before.items() if overfit.after[name].get(key) != value]
+        assert not changed and set(overfit.after[name]) == set(before), f"the {name} changed: {changed[:5]}"
     assert not overfit.options_changed
 
 
