@@ -305,9 +305,10 @@ class TrainAdapter(io.ComfyNode):
 
 
 def save_trained_adapter(adapter: LoadedAdapter, filename_prefix: str, dtype: str = "fp16") -> str:
-    """Write the adapter in the official flat layout as models/ipadapter/<prefix>_NNNNN_.safetensors; returns the
-    name IPX Load IP-Adapter lists it under."""
-    folder = os.path.join(folder_paths.models_dir, FOLDER)
+    """Write the adapter in the official flat layout as <prefix>_NNNNN_.safetensors in the first ipadapter folder
+    (models/ipadapter, or the one extra_model_paths.yaml puts first); returns the name IPX Load IP-Adapter lists it
+    under."""
+    folder = folder_paths.get_folder_paths(FOLDER)[0]
     os.makedirs(folder, exist_ok=True)
     full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
     os.makedirs(full_folder, exist_ok=True)

@@ -1,7 +1,7 @@
 """The main job in one command: an image prompt and a text prompt in, a generated PNG out, through ComfyUI headless.
 
-    python scripts/run_workflow.py --image examples/reference.png --prompt "a cat" --output out.png
-    python scripts/run_workflow.py --standins --image examples/reference.png --prompt "a cat"   # no downloads
+    python scripts/run_workflow.py --image example_inputs/reference.png --prompt "a cat" --output out.png
+    python scripts/run_workflow.py --standins --image example_inputs/reference.png --prompt "a cat"   # no downloads
     python scripts/run_workflow.py --server http://127.0.0.1:8188 --image ref.png --prompt "a cat"
 
 It starts ComfyUI on loopback with this pack (or uses the running server given by --server), uploads the reference

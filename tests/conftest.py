@@ -16,7 +16,7 @@ if str(PACK_DIR) not in sys.path:
 from ipx_tools.host import comfyui_version, find_comfyui, import_host  # noqa: E402
 
 HOST_PATH, HOST_HOW = find_comfyui()
-HOST_RINGS = ("host", "server")
+HOST_RINGS = ("host", "server", "browser")
 
 
 def host_banner() -> str:

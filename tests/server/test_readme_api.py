@@ -22,7 +22,7 @@ def test_readme_python_example_produces_an_image(server, models_dir, tmp_path):
     graph["10"]["inputs"].update(steps=2, seed=77)
     small = tmp_path / "small.json"
     small.write_text(json.dumps(graph))
-    name = server.upload_image(PACK_DIR / "examples" / "reference.png", name="ref.png")
+    name = server.upload_image(PACK_DIR / "example_inputs" / "reference.png", name="ref.png")
     code = readme_python_example().replace("http://127.0.0.1:8188", server.url)
     code = code.replace("workflows/api/ipadapter_sd15.json", str(small)).replace('"ref.png"', json.dumps(name))
     scope = {}

@@ -8,7 +8,7 @@ import pytest
 
 PACK_DIR = Path(__file__).resolve().parents[2]
 RUNNER = PACK_DIR / "scripts" / "run_workflow.py"
-REFERENCE = PACK_DIR / "examples" / "reference.png"
+REFERENCE = PACK_DIR / "example_inputs" / "reference.png"
 
 
 def runner(*args, timeout=900):

@@ -14,7 +14,7 @@ API_WORKFLOWS = sorted((PACK_DIR / "workflows" / "api").glob("*.json"))
 @pytest.fixture(scope="module")
 def uploaded(server):
     for name in ("reference.png", "reference_style.png"):
-        server.upload_image(PACK_DIR / "examples" / name, name=name)
+        server.upload_image(PACK_DIR / "example_inputs" / name, name=name)
 
 
 @pytest.mark.parametrize("path", API_WORKFLOWS, ids=lambda p: p.stem)
