@@ -3,6 +3,7 @@ import asyncio
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent.parent
@@ -39,6 +40,16 @@ def comfyui_version(path: Path) -> str:
     return match.group(1) if match else "unknown"
 
 
+def _run_coroutine(coroutine):
+    """asyncio.run in a thread of its own, so that it also works where this thread already runs an event loop
+    (Playwright's sync API in the browser tests keeps one)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(value=asyncio.run(coroutine)))
+    thread.start()
+    thread.join()
+    return result.get("value")
+
+
 def import_host(path: Path, cpu: bool = True):
     """Import the host in this process (no server). Returns its ``nodes`` module, with this pack loaded."""
     path = str(path)
@@ -50,6 +61,6 @@ def import_host(path: Path, cpu: bool = True):
     import utils.extra_config  # noqa: F401  (must come before nodes, which puts comfy/ first on sys.path)
     import nodes
     if "IPXApplyAdapter" not in nodes.NODE_CLASS_MAPPINGS:
-        if not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
+        if not _run_coroutine(nodes.load_custom_node(str(PACK_DIR))):
             raise RuntimeError(f"ComfyUI at {path} could not load the pack at {PACK_DIR}; see the log above")
     return nodes
