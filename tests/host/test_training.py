@@ -3,6 +3,7 @@ the host's executor runs it (under torch.inference_mode, with models loaded unde
 against the apply node, the loader, diffusers and the host's loss graph."""
 import copy
 import gc
+import hashlib
 import sys
 import types
 
@@ -67,9 +68,12 @@ def run_node(host, model, encoders, images, **inputs):
 
 
 def fingerprint(module) -> dict:
-    """{name: (float64 sum, float64 sum of squares, requires_grad)}: changes if any weight's values or flag change
-    (the host's own memory management may swap a weight's storage for an equal one: that is not a change)."""
-    return {name: (t.double().sum().item(), t.double().square().sum().item(), t.requires_grad)
+    """{name: (sha256 of the weight's bytes, requires_grad)}: changes if any weight's bits or flag change. Bytes, not
+    sums: a weight the checkpoint does not hold (SD1.5's clip_l text_projection) is left uninitialised by the host and
+    may hold NaN, which never equals itself. (The host's own memory management may swap a weight's storage for an
+    equal one: that is not a change.)"""
+    return {name: (hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest(),
+                   t.requires_grad)
             for name, t in module.state_dict(keep_vars=True).items()}
 
 
@@ -163,7 +167,7 @@ def saved(host, overfit, tmp_path, monkeypatch):
     """The trained adapter written by the save node (fp32) into a temporary models/ipadapter, and that folder."""
     import folder_paths
     monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
-    folder_paths.add_model_folder_path("ipadapter", str(tmp_path / "ipadapter"))
+    folder_paths.add_model_folder_path("ipadapter", str(tmp_path / "ipadapter"), is_default=True)  # the save folder
     save = host.NODE_CLASS_MAPPINGS["IPXSaveAdapter"]
     name = save.execute(overfit.adapter, "trained/ipx", "fp32").result[0]
     assert name == "trained/ipx_00001_.safetensors" and (tmp_path / "ipadapter" / name).is_file()
