@@ -70,7 +70,7 @@ def load_image(path: str) -> torch.Tensor:
             rgb = image.convert("RGB")
             data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
             return data.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:  # the latter: a pixel count PIL refuses to decode
         raise TrainingDataError(f"cannot read the image {path}: {e}") from e
 
 

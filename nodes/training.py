@@ -8,7 +8,9 @@ import types
 import torch
 
 import comfy.clip_vision
+import comfy.ldm.modules.attention
 import comfy.model_management
+import comfy.model_sampling
 import comfy.model_patcher
 import comfy.ops
 import comfy.utils
@@ -33,6 +35,8 @@ from .types import CATEGORY, AdapterSocket, LoadedAdapter
 log = logging.getLogger(__name__)
 CONTEXT_TOKENS = 77  # the official text encoder truncates prompts to 77 tokens
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CONTEXT_MEMO = 256  # captions whose encodings are remembered (a dataset's repeated captions; the empty prompt)
+NO_BACKWARD_ATTENTION = ("attention_sage", "attention_flash")  # host backends without a backward pass
 
 
 # --- the host's models, as training uses them --------------------------------------------------------------------------
@@ -51,9 +55,38 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def schedule(model_patcher):
-    """(alphas_cumprod, latent scale) of the host model."""
+    """(alphas_cumprod, latent scale) of the host model, which must predict the noise (epsilon) on SD1.5's 1000
+    discrete steps, as the official training assumes."""
     sampling = model_patcher.get_model_object("model_sampling")
-    return alphas_cumprod_from_sigmas(sampling.sigmas.detach().cpu()), model_patcher.model.latent_format.scale_factor
+    eps = type(sampling).calculate_denoised is comfy.model_sampling.EPS.calculate_denoised
+    sigmas = getattr(sampling, "sigmas", None)
+    if not eps or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or sigmas is None or \
+            sigmas.shape[0] != 1000:
+        raise ModelMismatchError(
+            f"the model's sampling is {type(sampling).__name__} ({getattr(sigmas, 'shape', ['no'])[0]} sigmas); "
+            f"IP-Adapter training predicts the noise (epsilon) on SD1.5's 1000 discrete timesteps. Connect the SD1.5 "
+            f"checkpoint's model without a ModelSamplingDiscrete (v-prediction, lcm, ...) or ModelSamplingContinuous "
+            f"node in front")
+    return alphas_cumprod_from_sigmas(sigmas.detach().cpu()), model_patcher.model.latent_format.scale_factor
+
+
+def pytorch_attention(func, *args, **kwargs):
+    """An attention override that runs PyTorch's attention, whatever backend the host was started with."""
+    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
+
+
+def training_transformer_options(model_options: dict) -> dict:
+    """The model's transformer options for training. Sage and flash attention (``--use-sage-attention``,
+    ``--use-flash-attention``) have no backward pass, and an override another node installed may not either: then
+    training runs the UNet's attention through PyTorch's, which does."""
+    options = dict(model_options.get("transformer_options", {}))
+    backend = getattr(comfy.ldm.modules.attention.optimized_attention, "__name__", "")
+    if "optimized_attention_override" in options or backend in NO_BACKWARD_ATTENTION:
+        log.warning("training runs attention through PyTorch's (the %s has no backward pass)",
+                    "model's attention override" if "optimized_attention_override" in options else
+                    f"host's {backend.replace('attention_', '')} attention")
+        options["optimized_attention_override"] = pytorch_attention
+    return options
 
 
 def ensure_loaded(patcher) -> None:
@@ -79,7 +112,7 @@ class HostEncoders:
         if not hasattr(stage, "encoder") or not hasattr(stage, "quant_conv"):
             raise ModelMismatchError("the VAE is not a KL autoencoder like SD1.5's (no encoder / quant_conv); connect "
                                      "the SD1.5 checkpoint's VAE")
-        self._contexts = {}
+        self._contexts = {}  # caption -> encoding, the CONTEXT_MEMO most recent (plus the empty prompt)
 
     def _out(self, tensor: torch.Tensor) -> torch.Tensor:
         # Never non-blocking into the CPU: such a copy may be read before it has landed.
@@ -116,10 +149,14 @@ class HostEncoders:
 
     @torch.no_grad()
     def context(self, caption: str) -> torch.Tensor:
-        if caption not in self._contexts:
-            cond = self.clip.encode_from_tokens(self.clip.tokenize(caption))
-            self._contexts[caption] = self._out(self._truncated(cond))
-        return self._contexts[caption]
+        context = self._contexts.pop(caption, None)
+        if context is None:
+            context = self._out(self._truncated(self.clip.encode_from_tokens(self.clip.tokenize(caption))))
+        self._contexts[caption] = context  # most recent last
+        if len(self._contexts) > CONTEXT_MEMO:
+            oldest = next(c for c in self._contexts if c != "")
+            del self._contexts[oldest]
+        return context
 
     @staticmethod
     def _truncated(cond: torch.Tensor) -> torch.Tensor:
@@ -195,29 +232,33 @@ def train_adapter(model, clip, vae, clip_vision, images, captions: str, settings
     check_model(model, types.SimpleNamespace(name=start.name if start else f"the new {spec.variant} adapter"))
     device = comfy.model_management.get_torch_device()
     dtype = compute_dtype(precision, device)
-    with torch.inference_mode(False), torch.enable_grad():
-        encoders = HostEncoders(vae, clip, clip_vision, spec, output_device="cpu" if cache else device)
-        fetch, count = training_examples(encoders, images, resolution, captions, conditioning, cache)
-        comfy.model_management.load_models_gpu([model])
-        unet = frozen_unet(model.model.diffusion_model, dtype, device, copy_weights=True)
-        adapter = adapter_from_start(start.module.state_dict(), start.name) if start is not None else \
-            init_adapter(spec, text_kv_weights(unet), settings.seed)
-        alphas_cumprod, latent_scale = schedule(model)
-        trainer = AdapterTrainer(adapter, unet_call(unet), num_examples=count, dropped=encoders.dropped(),
-                                 alphas_cumprod=alphas_cumprod, latent_scale=latent_scale, settings=settings,
-                                 device=device, compute_dtype=dtype, attention=host_attention,
-                                 image_attention=host_image_attention,
-                                 base_options=model.model_options.get("transformer_options", {}))
-        progress = comfy.utils.ProgressBar(steps)
-        for _ in range(steps):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            trainer.train_step(fetch)
-            progress.update(1)
-        losses = trainer.loss_history()
-        name = f"trained {spec.variant} ({steps} steps)"
-        trained = loaded_adapter(trainer.adapter.state_dict(), name)
-    del trainer, unet
-    comfy.model_management.soft_empty_cache()
+    alphas_cumprod, latent_scale = schedule(model)
+    trainer = unet = None
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            encoders = HostEncoders(vae, clip, clip_vision, spec, output_device="cpu" if cache else device)
+            fetch, count = training_examples(encoders, images, resolution, captions, conditioning, cache)
+            comfy.model_management.load_models_gpu([model])
+            # A new adapter's to_k_ip / to_v_ip start from the model's own weights, before the copy is cast.
+            adapter = adapter_from_start(start.module.state_dict(), start.name) if start is not None else \
+                init_adapter(spec, text_kv_weights(model.model.diffusion_model), settings.seed)
+            unet = frozen_unet(model.model.diffusion_model, dtype, device, copy_weights=True)
+            trainer = AdapterTrainer(adapter, unet_call(unet), num_examples=count, dropped=encoders.dropped(),
+                                     alphas_cumprod=alphas_cumprod, latent_scale=latent_scale, settings=settings,
+                                     device=device, compute_dtype=dtype, attention=host_attention,
+                                     image_attention=host_image_attention,
+                                     base_options=training_transformer_options(model.model_options))
+            progress = comfy.utils.ProgressBar(steps)
+            for _ in range(steps):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                trainer.train_step(fetch)
+                progress.update(1)
+            losses = trainer.loss_history()
+            name = f"trained {spec.variant} ({steps} steps)"
+            trained = loaded_adapter(trainer.adapter.state_dict(), name)
+    finally:  # interrupted or not, the UNet copy and the optimiser state leave the GPU now
+        del trainer, unet
+        comfy.model_management.soft_empty_cache()
     log.info("%s: loss %.4f -> %.4f", name, losses[0], losses[-1])
     return trained, losses
 

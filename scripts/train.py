@@ -9,7 +9,8 @@ patch (ComfyUI is imported in-process; no server).
 ``data.json`` is a list of ``{"image_file": "rel/path.jpg", "text": "a caption"}``. Adapter-only checkpoints go to
 ``OUTPUT/checkpoints/step-NNNNNNNN/`` every ``--save-every`` steps (official-layout ``ip_adapter.safetensors`` plus the
 optimiser state); a run started again with the same output folder resumes from the newest one. The last adapter is
-also written to ``OUTPUT/ip_adapter.safetensors`` (fp16, official layout). Exit codes: 0 done, 2 bad input.
+also written to ``OUTPUT/ip_adapter.safetensors`` (fp16, official layout). Ctrl-C or SIGTERM ends the run after the
+step in progress, with a checkpoint. Exit codes: 0 done, 2 bad input, 130 stopped by a signal (resumable).
 """
 import argparse
 import gc
@@ -17,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,13 @@ from ipx_tools.host import find_comfyui, import_host  # noqa: E402
 log = logging.getLogger("ipx.train")
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="SD1.5 checkpoint (.safetensors/.ckpt): UNet, text encoder, VAE")
@@ -42,25 +51,28 @@ def parse_args(argv=None):
     p.add_argument("--variant", choices=["sd15", "plus"], default="sd15",
                    help="sd15: base (4 tokens); plus: Resampler (16 tokens). Ignored with --init-adapter")
     p.add_argument("--init-adapter", help="start from this adapter file instead of a new adapter")
-    p.add_argument("--steps", type=int, default=100000, help="optimiser steps in all (a resumed run counts on)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per process per micro-batch (official: 8)")
-    p.add_argument("--grad-accumulation", type=int, default=1)
+    p.add_argument("--steps", type=positive, default=100000, help="optimiser steps in all (a resumed run counts on)")
+    p.add_argument("--batch-size", type=positive, default=8, help="samples per process per micro-batch (official: 8)")
+    p.add_argument("--grad-accumulation", type=positive, default=1)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--image-drop", type=float, default=0.05)
     p.add_argument("--text-drop", type=float, default=0.05)
     p.add_argument("--both-drop", type=float, default=0.05)
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=positive, default=512)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="compute dtype of the frozen models (auto: bf16/fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--no-cache", action="store_true",
                    help="run the frozen encoders on every step (as the official script) instead of encoding the "
                         "dataset once before training and keeping it in memory")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
+    p.add_argument("--save-every", type=positive, default=1000, help="checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
-    p.add_argument("--log-every", type=int, default=10, help="loss logged (mean over processes) every N steps")
+    p.add_argument("--log-every", type=positive, default=10, help="loss logged (mean over processes) every N steps")
     p.add_argument("--no-resume", action="store_true", help="start over even if the output folder has checkpoints")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume even though the seed, the dataset's size or the global batch differ from the "
+                        "checkpoint's (the data order and the draws then differ from an uninterrupted run)")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, then ~/comfy/ComfyUI)")
@@ -88,7 +100,8 @@ def pack_modules(host_nodes):
     """The pack's modules as the host loaded them (one copy of every class)."""
     glue = sys.modules[host_nodes.NODE_CLASS_MAPPINGS["IPXTrainAdapter"].__module__]
     root = glue.__package__.rsplit(".", 1)[0]
-    names = ("train_batches", "train_data", "train_checkpoints", "training", "variants", "files", "errors")
+    names = ("train_batches", "train_data", "train_checkpoints", "train_unet", "training", "layers", "variants",
+             "files", "errors")
     return glue, {name: importlib.import_module(f"{root}.ipadapter_core.{name}") for name in names}
 
 
@@ -112,6 +125,23 @@ def adapter_spec(args, core, clip_vision, glue):
         return core["variants"].detect_variant(state, os.path.basename(args.init_adapter)), state
     output = "image_embeds" if args.variant == "sd15" else "penultimate_hidden_states"
     return core["training"].new_adapter_spec(args.variant, glue.encoder_widths(clip_vision)[output]), None
+
+
+def check_cache_fits(args, dropped, storage, world_size) -> None:
+    """Refuse to encode a dataset whose cached encodings would not fit in this machine's free memory (every
+    process holds all of them; with several processes, the exchange holds a second copy for a while)."""
+    import psutil
+    per_example = 8 * (args.resolution // 8) ** 2 + dropped.image_embeds[0].numel() + dropped.context[0].numel()
+    needed = args.dataset_size * per_example * torch.empty((), dtype=storage).element_size()
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    needed *= local_processes * (2 if world_size > 1 else 1)  # each process on this machine holds the whole cache
+    available = psutil.virtual_memory().available
+    log.info("cached encodings: %.2f GiB for %d images (%.2f GiB of memory available)", needed / 2 ** 30,
+             args.dataset_size, available / 2 ** 30)
+    if needed > 0.8 * available:
+        raise ValueError(f"caching the encodings of {args.dataset_size} images needs about {needed / 2 ** 30:.1f} "
+                         f"GiB of memory, {available / 2 ** 30:.1f} GiB are available: run with --no-cache (the "
+                         f"encoders then run on every step, as in the official script) or use fewer images")
 
 
 def encode_all(dataset, encoders, args, rank, world_size, group, core):
@@ -150,6 +180,7 @@ def prepare_data(args, glue, core, device, rank, world_size, group):
     import comfy.sd
     dataset = core["train_data"].ImageTextDataset(core["train_data"].read_dataset(args.data_json, args.data_root),
                                                   args.resolution)
+    args.dataset_size = len(dataset)
     storage = glue.compute_dtype(args.precision, device) if device.type == "cuda" else torch.float32
     for path in (args.checkpoint, args.clip_vision, args.init_adapter):
         if path and not os.path.isfile(path):
@@ -163,6 +194,7 @@ def prepare_data(args, glue, core, device, rank, world_size, group):
     dropped = encoders.dropped()
     if args.no_cache:
         return spec, start, dataset, dropped, None, encoders
+    check_cache_fits(args, dropped, storage, world_size)
     return spec, start, dataset, dropped, encode_all(dataset, encoders, args, rank, world_size, group, core), None
 
 
@@ -180,10 +212,11 @@ def build_trainer(args, glue, core, device, rank, world_size, group):
     dtype = glue.compute_dtype(args.precision, device)
     model = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=False,
                                                   model_options={"dtype": dtype})[0]
-    unet = glue.frozen_unet(model.model.diffusion_model, dtype, device, copy_weights=False)
     training = core["training"]
     adapter = training.adapter_from_start(start, args.init_adapter) if start is not None else \
-        training.init_adapter(spec, glue.text_kv_weights(unet), args.seed)
+        training.init_adapter(spec, checkpoint_text_kv(args.checkpoint, model.model.diffusion_model, glue, core),
+                              args.seed)
+    unet = glue.frozen_unet(model.model.diffusion_model, dtype, device, copy_weights=False)
     alphas_cumprod, latent_scale = glue.schedule(model)
     settings = training.TrainingSettings(
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, batch_size=args.batch_size,
@@ -199,6 +232,38 @@ def build_trainer(args, glue, core, device, rank, world_size, group):
     return trainer, fetch, spec
 
 
+def checkpoint_text_kv(checkpoint, diffusion_model, glue, core) -> dict:
+    """Each cross-attention layer's to_k / to_v as the checkpoint file stores them (the official training copies
+    them from the float32 UNet), read by name; the loaded model's (cast to the compute dtype) if the file names
+    them otherwise."""
+    names = {id(module): name for name, module in diffusion_model.named_modules()}
+    wanted = {}
+    for layer in core["layers"].SD15_LAYERS:
+        prefix = "model.diffusion_model." + names[id(core["train_unet"].cross_attention(diffusion_model,
+                                                                                         layer.host_key))]
+        wanted[layer.layer_index] = (prefix + ".to_k.weight", prefix + ".to_v.weight")
+    keys = [key for pair in wanted.values() for key in pair]
+    if checkpoint.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(checkpoint, "pt") as f:
+            tensors = {key: f.get_tensor(key) for key in keys if key in f.keys()}
+    else:
+        import comfy.utils
+        state = comfy.utils.load_torch_file(checkpoint, safe_load=True)
+        tensors = {key: state[key] for key in keys if key in state}
+        del state
+    if len(tensors) != len(keys):
+        log.info("to_k_ip / to_v_ip start from the loaded model's to_k / to_v (the checkpoint names them otherwise)")
+        return glue.text_kv_weights(diffusion_model)
+    return {index: (tensors[k].float(), tensors[v].float()) for index, (k, v) in wanted.items()}
+
+
+def run_identity(args) -> dict:
+    """What fixes a run's data order and draws: resuming with other values would not continue the same run."""
+    return {"seed": args.seed, "dataset_size": args.dataset_size,
+            "global_batch": args.batch_size * args.world_size * args.grad_accumulation}
+
+
 def resume(args, trainer, core, spec):
     path = None if args.no_resume else core["train_checkpoints"].latest_checkpoint(Path(args.output_dir) /
                                                                                   "checkpoints")
@@ -210,15 +275,28 @@ def resume(args, trainer, core, spec):
         raise core["errors"].UnsupportedAdapterError(
             f"{path} holds a {found} adapter but this run trains {spec.variant}; use another --output-dir or "
             f"--no-resume")
+    saved = state.get("run") or {}
+    changed = {key: (saved[key], value) for key, value in run_identity(args).items()
+               if key in saved and saved[key] != value}
+    if changed:
+        listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+        if not args.resume_anyway:
+            raise ValueError(f"{path} was trained with other settings ({listed}): resuming would not continue that "
+                             f"run. Use the same settings, or --resume-anyway, or --no-resume / another --output-dir")
+        log.warning("resuming although %s", listed)
     trainer.load_state_dict(state)
+    args.resumed_step = trainer.step
     log.info("resumed from %s (step %d, %d samples seen)", path, trainer.step, trainer.samples_seen)
 
 
-def save(args, trainer, core, spec, final=False):
+def save(args, trainer, core, spec, final=False, checkpoint=True):
     metadata = {"ipx_variant": spec.variant, "ipx_step": trainer.step, "ipx_seed": args.seed}
     folder = Path(args.output_dir)
-    path = core["train_checkpoints"].save_checkpoint(folder / "checkpoints", trainer.state_dict(), metadata)
-    core["train_checkpoints"].prune_checkpoints(folder / "checkpoints", args.keep_checkpoints)
+    path = None
+    if checkpoint:
+        state = {**trainer.state_dict(), "run": run_identity(args)}
+        path = core["train_checkpoints"].save_checkpoint(folder / "checkpoints", state, metadata)
+        core["train_checkpoints"].prune_checkpoints(folder / "checkpoints", args.keep_checkpoints)
     if final:
         fp16 = {k: v.half() for k, v in trainer.adapter.state_dict().items()}
         core["files"].save_adapter_safetensors(fp16, str(folder / "ip_adapter.safetensors"), metadata)
@@ -227,23 +305,74 @@ def save(args, trainer, core, spec, final=False):
 
 # --- the run -------------------------------------------------------------------------------------------------------
 
-def train(args, trainer, fetch, core, spec, rank):
+class StopRequest:
+    """Ctrl-C / SIGTERM while training: the step in progress finishes, then the run saves and stops (a second signal
+    stops at once). With several processes they agree at the next logging step, so that all stop after the same
+    step (one that stopped alone would leave the others waiting for it)."""
+
+    def __init__(self, device, world_size: int):
+        self.signal = None
+        self.device, self.world_size = device, world_size
+        self._previous = {}
+
+    def requested(self, collective_point: bool) -> bool:
+        if self.world_size == 1:
+            return self.signal is not None
+        if not collective_point:
+            return False
+        flag = torch.tensor(float(self.signal is not None), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __enter__(self):
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(number).name
+        log.warning("%s: stopping after this step (again to stop at once)", self.signal)
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def train(args, trainer, fetch, core, spec, rank) -> bool:
+    """Train to --steps; False if a signal stopped the run first (a checkpoint of the last step is written)."""
     from tqdm import tqdm
     training = core["training"]
     logfile = open(Path(args.output_dir) / "loss.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=args.steps, initial=trainer.step, desc="training", disable=rank != 0, dynamic_ncols=True)
+    saved_step = getattr(args, "resumed_step", None)
     try:
-        while trainer.step < args.steps:
-            loss = trainer.train_step(fetch)
-            bar.update(1)
-            if trainer.step % args.log_every == 0 or trainer.step == args.steps:
-                value = training.mean_across_processes(loss).item()
-                bar.set_postfix(loss=f"{value:.4f}")
-                if logfile:
-                    logfile.write(json.dumps({"step": trainer.step, "loss": value}) + "\n")
-                    logfile.flush()
-            if rank == 0 and (trainer.step % args.save_every == 0 or trainer.step == args.steps):
-                save(args, trainer, core, spec, final=trainer.step == args.steps)
+        with StopRequest(trainer.device, trainer.world_size) as stop:
+            while trainer.step < args.steps:
+                loss = trainer.train_step(fetch)
+                bar.update(1)
+                at_log = trainer.step % args.log_every == 0 or trainer.step == args.steps
+                if at_log:
+                    value = training.mean_across_processes(loss).item()
+                    trainer.losses.clear()  # logged: a long run keeps no per-step history
+                    bar.set_postfix(loss=f"{value:.4f}")
+                    if logfile:
+                        logfile.write(json.dumps({"step": trainer.step, "loss": value}) + "\n")
+                        logfile.flush()
+                if rank == 0 and trainer.step % args.save_every == 0:
+                    save(args, trainer, core, spec)
+                    saved_step = trainer.step
+                if stop.requested(at_log):
+                    break
+        done = trainer.step >= args.steps
+        if rank == 0 and (done or saved_step != trainer.step):
+            # the final adapter also when a resumed run had nothing left to do
+            path = save(args, trainer, core, spec, final=done, checkpoint=saved_step != trainer.step)
+            if not done:
+                log.warning("stopped at step %d; checkpoint %s; run the same command again to resume", trainer.step,
+                            path)
+        return done
     finally:
         bar.close()
         if logfile:
@@ -260,9 +389,11 @@ def main(argv=None) -> int:
         return 2
     glue, core = pack_modules(import_training_host(path, device))
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    args.world_size = world_size
     try:
         trainer, fetch, spec = build_trainer(args, glue, core, device, rank, world_size, group)
-        train(args, trainer, fetch, core, spec, rank)
+        if not train(args, trainer, fetch, core, spec, rank):
+            return 130
     except (core["errors"].IPAdapterError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import gc
 import hashlib
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from ipx_tools.standins import CHECKPOINT_NAME, CLIP_VISION_NAMES, build_models_
 
 from .sampling import predict_noise, sigma_at
 
+PACK_DIR = Path(__file__).resolve().parents[2]
 RESOLUTION = 64
 OVERFIT = dict(steps=32, batch_size=4, learning_rate=1e-3)  # random UNet weights: a higher rate shows the fall sooner
 PROBE = range(10 ** 6, 10 ** 6 + 8)  # positions whose noise, timesteps and drops are the fixed evaluation draw
@@ -278,3 +280,71 @@ def test_conditioning_replaces_the_captions(glue):
     assert contexts.shape == (3, 77, 768) and torch.equal(contexts[2], cond[0, :77])
     with pytest.raises(ValueError, match="2 entries for 3 images"):
         glue.contexts_from_conditioning([[cond, {}], [cond, {}]], 3)
+
+
+def test_a_v_prediction_model_is_refused_before_any_work(host, host_sd15, encoders):
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    v_model = ModelSamplingDiscrete().patch(host_sd15, "v_prediction", False)[0]
+    with pytest.raises(Exception, match="epsilon") as raised:
+        run_node(host, v_model, encoders, training_images(1), steps=1, batch_size=1)
+    assert "ModelSamplingDiscrete" in str(raised.value)
+
+
+def test_training_attention_has_a_backward_pass_whatever_backend_the_host_runs(host, host_sd15, encoders,
+                                                                                monkeypatch):
+    """Started with --use-sage-attention (or flash), the host's attention has no backward pass: a stand-in with the
+    sage backend's name that cuts gradients shows training then goes through PyTorch's attention instead."""
+    import comfy.ldm.modules.attention as attention
+    calls = []
+
+    @attention.wrap_attn
+    def attention_sage(q, k, v, heads, **kwargs):  # named as the host's: no gradients flow through it
+        calls.append(q.shape)
+        with torch.no_grad():
+            return attention.attention_pytorch(q, k, v, heads, **kwargs)
+
+    monkeypatch.setattr(attention, "optimized_attention", attention_sage)
+    monkeypatch.setattr(attention, "optimized_attention_masked", attention_sage)
+    adapter, loss = run_node(host, host_sd15, encoders, training_images(1), steps=1, batch_size=1)
+    assert calls == [], "the sage stand-in was bypassed"
+    assert len(loss["loss"]) == 1 and torch.isfinite(torch.tensor(loss["loss"])).all()
+    glue = pack_module(host, None)
+    options = glue.training_transformer_options({})
+    assert options["optimized_attention_override"] is glue.pytorch_attention
+    monkeypatch.undo()
+    assert "optimized_attention_override" not in glue.training_transformer_options({}), "PyTorch's own is left alone"
+
+
+def test_caption_encodings_kept_in_memory_are_bounded(host, glue, encoders, monkeypatch):
+    monkeypatch.setattr(glue, "CONTEXT_MEMO", 3)
+    hosted = glue.HostEncoders(encoders.vae, encoders.clip, encoders.clip_vision, glue.new_adapter_spec("sd15"))
+    first = hosted.context("")
+    for i in range(6):
+        hosted.context(f"caption {i}")
+    assert len(hosted._contexts) == 3 and "" in hosted._contexts and "caption 5" in hosted._contexts
+    assert hosted.context("") is first, "the empty prompt (every dropped text) is never encoded twice"
+
+
+def test_headless_trainer_starts_ip_layers_from_the_checkpoint_files_own_weights(host, glue, encoders, cache_dir,
+                                                                                 monkeypatch):
+    """scripts/train.py loads the UNet in the compute dtype; to_k_ip / to_v_ip start from the file's weights."""
+    import importlib.util
+    import comfy.sd
+    from safetensors import safe_open
+    spec = importlib.util.spec_from_file_location("ipx_train_script", PACK_DIR / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, core = script.pack_modules(host)
+    path = str(cache_dir / "models" / "checkpoints" / CHECKPOINT_NAME)
+    model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False,
+                                                  model_options={"dtype": torch.bfloat16})[0]
+    monkeypatch.setattr(glue, "text_kv_weights", lambda *a: pytest.fail("fell back to the loaded model's weights"))
+    weights = script.checkpoint_text_kv(path, model.model.diffusion_model, glue, core)
+    assert sorted(weights) == list(range(1, 32, 2))
+    with safe_open(path, "pt") as f:
+        middle = f.get_tensor("model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+        first_v = f.get_tensor("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight")
+    assert weights[31][0].dtype == torch.float32 and torch.equal(weights[31][0], middle.float())
+    assert torch.equal(weights[1][1], first_v.float())
+    cast = model.model.diffusion_model.middle_block[1].transformer_blocks[0].attn2.to_k.weight
+    assert cast.dtype == torch.bfloat16 and not torch.equal(cast.float(), middle.float()), "the model is cast"

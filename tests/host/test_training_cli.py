@@ -3,7 +3,10 @@ the official JSON format, two processes under torchrun (gloo on the CPU) against
 resuming, adapter-only checkpoints, and clear errors."""
 import json
 import os
+import shutil
+import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -109,7 +112,8 @@ def test_checkpoints_hold_only_the_adapter_in_the_official_layout(single):
     adapter = load_adapter(str(found[-1] / ADAPTER_FILE))
     assert adapter.spec.variant == "sd15"
     state = torch.load(found[-1] / STATE_FILE, weights_only=True)
-    assert set(state) == {"optimizer", "scaler", "step", "samples_seen"}
+    assert set(state) == {"optimizer", "scaler", "step", "samples_seen", "run"}
+    assert state["run"] == {"seed": 3, "dataset_size": 3, "global_batch": 2}
     final = load_file(str(single / ADAPTER_FILE))
     assert {v.dtype for v in final.values()} == {torch.float16}, "the final adapter is fp16, as the official files"
     assert detect_variant(final).variant == "sd15"
@@ -124,3 +128,50 @@ def test_a_missing_image_is_a_clear_error(models, dataset, tmp_path):
     proc = run(args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "absent.png" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_signal_ends_the_run_after_its_step_with_a_checkpoint_and_the_run_resumes(models, dataset, tmp_path):
+    out = tmp_path / "signalled"
+    args = [*models, *dataset, *COMMON, "--output-dir", str(out)]
+    args[args.index("--steps") + 1] = "1000"
+    args[args.index("--save-every") + 1] = "1000"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=PACK_DIR, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not ((out / "loss.jsonl").is_file() and (out / "loss.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    steps = len(losses(out))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step-{steps:08d}"]
+    assert f"stopped at step {steps}" in stderr and "Traceback" not in stderr
+    assert not (out / ADAPTER_FILE).exists(), "the final adapter is written when the run reaches --steps"
+    trained(models, dataset, out, steps=steps + 1)
+    assert load_checkpoint(out / "checkpoints" / f"step-{steps + 1:08d}")["samples_seen"] == 2 * (steps + 1)
+    assert (out / ADAPTER_FILE).is_file()
+
+
+def test_resuming_with_other_settings_is_refused_unless_asked(models, dataset, single, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(single, out)
+    (out / ADAPTER_FILE).unlink()
+    args = [*models, *dataset, *COMMON, "--output-dir", str(out)]
+    args[args.index("--seed") + 1] = "4"
+    proc = run(args)
+    assert proc.returncode == 2 and "seed 3 -> 4" in proc.stderr and "--resume-anyway" in proc.stderr, \
+        proc.stderr[-2000:]
+    trained(models, dataset, out, "--resume-anyway", "--seed", "4")  # already at --steps: nothing to train
+    assert len(losses(out)) == 2, "no step was trained"
+    assert (out / ADAPTER_FILE).is_file(), "a run already at --steps still writes the final adapter"
+
+
+@pytest.mark.parametrize("flag", ["--log-every", "--save-every", "--steps", "--batch-size"])
+def test_counts_below_one_are_refused_up_front(flag, tmp_path):
+    proc = run(["--checkpoint", "x", "--clip-vision", "y", "--data-json", "z", "--data-root", ".", "--output-dir",
+                str(tmp_path), flag, "0"])
+    assert proc.returncode == 2 and "must be at least 1" in proc.stderr, proc.stderr[-2000:]
