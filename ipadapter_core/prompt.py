@@ -45,19 +45,22 @@ class ImagePrompt:
     """Shared (not copied) by the 16 layer patches of one apply and by every clone of the patched model.
 
     ``cond_embeds`` / ``uncond_embeds``: the encoder outputs the adapter reads, one row per reference image; several
-    images are concatenated along the token axis, as diffusers does for several images per prompt.
+    images are concatenated along the token axis, as diffusers does for several images per prompt. ``uncond_embeds``
+    None: a prompt for conditional chunks only (training calls the UNet on cond chunks; no unconditional half is
+    projected).
     ``weight`` and ``layer_weights`` ({layer_index: weight}, overriding ``weight`` per layer): folded into the values.
     ``neutral_layers``: layer indices where the cond half reads the uncond image too ('precise' weight types).
     ``scaling``: one of SCALINGS.  ``sigma_range``: (sigma_start, sigma_end) between which the prompt acts, or None.
     ``schedule``: a parsed per-step schedule (weights.parse_step_schedule) or None.
     ``mask``: (1 or latents per chunk, H, W) in 0..1, or None: where in the image the prompt acts.
     ``per_latent``: row i of the embeds is latent i's image prompt (training, batches of different references).
-    ``cache``: keep tokens and keys/values for the run; False recomputes them per call so gradients reach the adapter.
+    ``cache``: keep tokens and keys/values for as long as the prompt lives (a sampling run; in training one UNet
+    call, where the kept tensors carry the gradient to the adapter); False recomputes them in every layer call.
     """
 
     def __init__(self, adapter, cond_embeds, uncond_embeds, weight=1.0, *, layer_weights=None, neutral_layers=(),
                  scaling="V only", sigma_range=None, schedule=None, mask=None, cache=True, per_latent=False):
-        if cond_embeds.shape != uncond_embeds.shape:
+        if uncond_embeds is not None and cond_embeds.shape != uncond_embeds.shape:
             raise ValueError(f"cond embeds {list(cond_embeds.shape)} and uncond embeds {list(uncond_embeds.shape)} "
                              f"must have the same shape")
         if scaling not in SCALINGS:
@@ -94,10 +97,11 @@ class ImagePrompt:
         key = (param.device, param.dtype)
         tokens = self._tokens.get(key) if self.cache else None
         if tokens is None:
-            embeds = torch.cat([self.cond_embeds, self.uncond_embeds])
+            halves = [self.cond_embeds] + ([] if self.uncond_embeds is None else [self.uncond_embeds])
+            embeds = torch.cat(halves) if len(halves) > 1 else halves[0]
             tokens = self.adapter.image_tokens(embeds.to(param.device, param.dtype, non_blocking=True))
             rows = self.cond_embeds.shape[0] if self.per_latent else 1
-            tokens = tokens.reshape(2, rows, -1, tokens.shape[-1])
+            tokens = tokens.reshape(len(halves), rows, -1, tokens.shape[-1])
             if self.cache:
                 self._tokens[key] = tokens
         return tokens
@@ -113,6 +117,9 @@ class ImagePrompt:
             ip_k, ip_v = scale_kv(ip_k, ip_v, self.layer_weight(layer_index), self.scaling)
             neutral = layer_index in self.neutral_layers
             rows = [1 if c == 1 or neutral else 0 for c in cond_or_uncond]
+            if self.uncond_embeds is None and any(rows):
+                raise ValueError("this image prompt has no unconditional half (a training prompt): it serves "
+                                 "conditional chunks of unweighted layers only")
             kv = tuple(torch.cat([t[r] for r in rows]).to(device, dtype) for t in (ip_k, ip_v))
             if heads is not None:
                 kv = tuple(t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in kv)

@@ -8,8 +8,9 @@ is AdamW (lr 1e-4, weight decay 1e-2 officially).
 
 The UNet is called through ``unet_call(x, timesteps, context, transformer_options)``, which the caller supplies (the
 host's UNet, or a test double): its 16 cross-attention layers are replaced, through
-``transformer_options["patches_replace"]["attn2"]``, by :class:`DecoupledCrossAttention` with an uncached, per-latent
-:class:`ImagePrompt`, so gradients reach the adapter and the trained adapter is exactly what the inference patch
+``transformer_options["patches_replace"]["attn2"]``, by :class:`DecoupledCrossAttention` with a per-latent
+:class:`ImagePrompt` made for that call (the image tokens projected once for the 16 layers, as the official model
+projects them once), so gradients reach the adapter and the trained adapter is exactly what the inference patch
 applies. Mixed precision: the UNet runs in ``compute_dtype`` (its frozen weights in that dtype), the adapter's weights,
 gradients and AdamW state stay float32 and its projections run under autocast; float16 uses a gradient scaler.
 Several processes: the adapter-only :class:`AdapterDenoiser` is wrapped in DistributedDataParallel (the frozen UNet is
@@ -144,7 +145,9 @@ class AdapterDenoiser(nn.Module):
         adapter = self.adapter
         if self.compute_dtype != torch.float32:
             adapter = _AutocastAdapter(self.adapter, noisy_latents.device.type, self.compute_dtype)
-        prompt = ImagePrompt(adapter, image_embeds, image_embeds, cache=False, per_latent=True)
+        # One prompt per UNet call: its image tokens are projected once for the 16 layers (and kept only for this
+        # call, so gradients reach the adapter); training calls the UNet on conditional chunks alone.
+        prompt = ImagePrompt(adapter, image_embeds, None, cache=True, per_latent=True)
         return self._unet_call(noisy_latents.to(self.compute_dtype), timesteps, contexts.to(self.compute_dtype),
                                self._transformer_options(prompt))
 

@@ -125,12 +125,12 @@ def example_base() -> Graph:
                      outputs=[("adapter", "IPX_ADAPTER")], size=(320, 60))
     embeds = g.node("IPXEncodeImage", "Encode reference", (820, 420), ["concat"],
                     inputs=[("adapter", "IPX_ADAPTER", (adapter, 0)), ("clip_vision", "CLIP_VISION", (vision, 0)),
-                            ("image", "IMAGE", (image, 0))], outputs=[("embeds", "IPX_EMBEDS")], size=(300, 100))
+                            ("image", "IMAGE", (image, 0))], outputs=[("embeds", "IPX_EMBEDS")], size=(300, 120))
     model = g.node("IPXApplyAdapter", "Apply IP-Adapter", (820, 60), [1.0, 0.0, 1.0],
                    inputs=[("model", "MODEL", (ckpt, 0)), ("adapter", "IPX_ADAPTER", (adapter, 0)),
-                           ("embeds", "IPX_EMBEDS", (embeds, 0))], outputs=[("MODEL", "MODEL")], size=(320, 130))
+                           ("embeds", "IPX_EMBEDS", (embeds, 0))], outputs=[("MODEL", "MODEL")], size=(320, 150))
     sd15_back(g, model, ckpt, pos, neg, latent)
-    g.note(MODELS_NOTE.format(adapters="ip-adapter_sd15.safetensors"), (820, 560))
+    g.note(MODELS_NOTE.format(adapters="ip-adapter_sd15.safetensors"), (820, 600))
     return g
 
 
@@ -190,13 +190,13 @@ def example_style() -> Graph:
                      inputs=[("image", "IMAGE", (image, 0))], outputs=[("IMAGE", "IMAGE")], size=(300, 150))
     embeds = g.node("IPXEncodeImage", "Encode style reference", (820, 420), ["concat"],
                     inputs=[("adapter", "IPX_ADAPTER", (adapter, 0)), ("clip_vision", "CLIP_VISION", (vision, 0)),
-                            ("image", "IMAGE", (prepped, 0))], outputs=[("embeds", "IPX_EMBEDS")], size=(300, 100))
+                            ("image", "IMAGE", (prepped, 0))], outputs=[("embeds", "IPX_EMBEDS")], size=(300, 120))
     model = g.node("IPXApplyAdapterAdvanced", "Apply IP-Adapter (style transfer)", (820, 60),
                    [1.0, 0.0, 1.0, "style transfer", 1.0, "V only", "", "0:1, 0.66:1, 1:0"],
                    inputs=[("model", "MODEL", (ckpt, 0)), ("adapter", "IPX_ADAPTER", (adapter, 0)),
                            ("embeds", "IPX_EMBEDS", (embeds, 0))], outputs=[("MODEL", "MODEL")], size=(340, 290))
     sd15_back(g, model, ckpt, pos, neg, latent)
-    g.note(MODELS_NOTE.format(adapters="ip-adapter-plus_sd15.safetensors"), (820, 560))
+    g.note(MODELS_NOTE.format(adapters="ip-adapter-plus_sd15.safetensors"), (820, 600))
     return g
 
 

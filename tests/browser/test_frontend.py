@@ -287,9 +287,11 @@ def run_ui_workflow(comfy_page, browser_server, output_dir, path):
     assert sorted((n["id"], n["type"]) for n in graph["nodes"]) == sorted((n["id"], n["type"]) for n in workflow["nodes"])
     assert len(graph["links"]) == len(workflow["links"])
     assert named_links(graph["nodes"], graph["links"]) == named_links(workflow["nodes"], workflow["links"])
+    overlaps = page.evaluate(OVERLAPS_JS)
     (output_dir / f"{path.stem}_layout.json").write_text(json.dumps(
-        {"overlaps": page.evaluate(OVERLAPS_JS), "sizes": page.evaluate(
+        {"overlaps": overlaps, "sizes": page.evaluate(
             "() => app.graph.nodes.map(n => [n.id, n.type, n.pos, n.size])")}, indent=1))
+    assert not overlaps, f"nodes overlap as the frontend lays them out (id, title, id, title, width, height): {overlaps}"
     mismatches = widget_mismatches(workflow["nodes"], graph["nodes"])
     assert not mismatches, "widget values changed on load:\n" + "\n".join(mismatches)
 

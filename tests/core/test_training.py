@@ -155,6 +155,21 @@ def test_only_the_adapter_changes_and_all_of_it_trains(unet):
     assert not unchanged, f"these adapter weights did not train: {unchanged}"
 
 
+def test_image_tokens_are_projected_once_per_unet_call_for_the_conditional_rows_only(unet, monkeypatch):
+    """As the official model: one projection of the batch's embeds per forward, read by all 16 layers (the
+    gradient still reaches every layer's to_k_ip / to_v_ip and the projection)."""
+    trainer = make_trainer(unet, batch_size=2, grad_accumulation=3)
+    rows = []
+    project = type(trainer.adapter).image_tokens
+    monkeypatch.setattr(type(trainer.adapter), "image_tokens",
+                        lambda self, embeds: rows.append(embeds.shape[0]) or project(self, embeds))
+    start = adapter_weights(trainer)
+    trainer.train_step(fake_examples(4).select)
+    assert rows == [2, 2, 2], "one projection of the micro-batch's 2 rows per UNet call, no unconditional half"
+    unchanged = [k for k, v in adapter_weights(trainer).items() if torch.equal(v, start[k])]
+    assert not unchanged, f"these adapter weights did not train: {unchanged}"
+
+
 def test_plus_variant_trains_through_zero_pixel_drops(unet):
     examples = fake_examples(2, embeds_shape=(257, 1280))
     adapter = init_adapter(new_adapter_spec("plus"), unet.text_kv())
