@@ -175,3 +175,30 @@ def test_counts_below_one_are_refused_up_front(flag, tmp_path):
     proc = run(["--checkpoint", "x", "--clip-vision", "y", "--data-json", "z", "--data-root", ".", "--output-dir",
                 str(tmp_path), flag, "0"])
     assert proc.returncode == 2 and "must be at least 1" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_signal_under_torchrun_stops_every_process_after_the_same_step(models, dataset, tmp_path):
+    """torchrun passes a signal on to its processes as SIGTERM; they agree at the next logging step (here every
+    step) and all stop after it; rank 0 writes the checkpoint of that step."""
+    out = tmp_path / "signalled-ddp"
+    args = [*models, *dataset, *COMMON, "--output-dir", str(out), "--batch-size", "1"]
+    args[args.index("--steps") + 1] = "1000"
+    args[args.index("--save-every") + 1] = "1000"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(SCRIPT), *args], cwd=PACK_DIR, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not ((out / "loss.jsonl").is_file() and (out / "loss.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # to torchrun, as a cluster's pre-emption does
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    steps = len(losses(out))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step-{steps:08d}"], stderr[-3000:]
+    assert f"stopped at step {steps}" in stderr, stderr[-3000:]
+    assert load_checkpoint(out / "checkpoints" / f"step-{steps:08d}")["samples_seen"] == 2 * steps
