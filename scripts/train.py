@@ -368,10 +368,10 @@ def train(args, trainer, fetch, core, spec, rank) -> bool:
         done = trainer.step >= args.steps
         if rank == 0 and (done or saved_step != trainer.step):
             # the final adapter also when a resumed run had nothing left to do
-            path = save(args, trainer, core, spec, final=done, checkpoint=saved_step != trainer.step)
-            if not done:
-                log.warning("stopped at step %d; checkpoint %s; run the same command again to resume", trainer.step,
-                            path)
+            save(args, trainer, core, spec, final=done, checkpoint=saved_step != trainer.step)
+        if rank == 0 and not done:
+            log.warning("stopped at step %d; checkpoint %s; run the same command again to resume", trainer.step,
+                        Path(args.output_dir) / "checkpoints" / core["train_checkpoints"].checkpoint_name(trainer.step))
         return done
     finally:
         bar.close()
