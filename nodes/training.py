@@ -59,15 +59,15 @@ def schedule(model_patcher):
     discrete steps, as the official training assumes."""
     sampling = model_patcher.get_model_object("model_sampling")
     eps = type(sampling).calculate_denoised is comfy.model_sampling.EPS.calculate_denoised
-    sigmas = getattr(sampling, "sigmas", None)
-    if not eps or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or sigmas is None or \
-            sigmas.shape[0] != 1000:
+    discrete = isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete)  # these always hold sigmas
+    steps = sampling.sigmas.shape[0] if discrete else None
+    if not eps or steps != 1000:
         raise ModelMismatchError(
-            f"the model's sampling is {type(sampling).__name__} ({getattr(sigmas, 'shape', ['no'])[0]} sigmas); "
+            f"the model's sampling is {type(sampling).__name__} ({steps or 'no'} discrete sigmas); "
             f"IP-Adapter training predicts the noise (epsilon) on SD1.5's 1000 discrete timesteps. Connect the SD1.5 "
             f"checkpoint's model without a ModelSamplingDiscrete (v-prediction, lcm, ...) or ModelSamplingContinuous "
             f"node in front")
-    return alphas_cumprod_from_sigmas(sigmas.detach().cpu()), model_patcher.model.latent_format.scale_factor
+    return alphas_cumprod_from_sigmas(sampling.sigmas.detach().cpu()), model_patcher.model.latent_format.scale_factor
 
 
 def pytorch_attention(func, *args, **kwargs):

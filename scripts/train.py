@@ -246,7 +246,8 @@ def checkpoint_text_kv(checkpoint, diffusion_model, glue, core) -> dict:
     if checkpoint.endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(checkpoint, "pt") as f:
-            tensors = {key: f.get_tensor(key) for key in keys if key in f.keys()}
+            present = set(f.keys())
+            tensors = {key: f.get_tensor(key) for key in keys if key in present}
     else:
         import comfy.utils
         state = comfy.utils.load_torch_file(checkpoint, safe_load=True)
@@ -292,15 +293,13 @@ def resume(args, trainer, core, spec):
 def save(args, trainer, core, spec, final=False, checkpoint=True):
     metadata = {"ipx_variant": spec.variant, "ipx_step": trainer.step, "ipx_seed": args.seed}
     folder = Path(args.output_dir)
-    path = None
     if checkpoint:
         state = {**trainer.state_dict(), "run": run_identity(args)}
-        path = core["train_checkpoints"].save_checkpoint(folder / "checkpoints", state, metadata)
+        core["train_checkpoints"].save_checkpoint(folder / "checkpoints", state, metadata)
         core["train_checkpoints"].prune_checkpoints(folder / "checkpoints", args.keep_checkpoints)
     if final:
         fp16 = {k: v.half() for k, v in trainer.adapter.state_dict().items()}
         core["files"].save_adapter_safetensors(fp16, str(folder / "ip_adapter.safetensors"), metadata)
-    return path
 
 
 # --- the run -------------------------------------------------------------------------------------------------------

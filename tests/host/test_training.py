@@ -287,7 +287,7 @@ def test_a_v_prediction_model_is_refused_before_any_work(host, host_sd15, encode
     v_model = ModelSamplingDiscrete().patch(host_sd15, "v_prediction", False)[0]
     with pytest.raises(Exception, match="epsilon") as raised:
         run_node(host, v_model, encoders, training_images(1), steps=1, batch_size=1)
-    assert "ModelSamplingDiscrete" in str(raised.value)
+    assert "ModelSamplingAdvanced (1000 discrete sigmas)" in str(raised.value), "names the model's own sampling"
 
 
 def test_training_attention_has_a_backward_pass_whatever_backend_the_host_runs(host, host_sd15, encoders,
