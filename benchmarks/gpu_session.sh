@@ -19,9 +19,9 @@ EXTRA=(${IPX_BENCH_EXTRA:-})  # e.g. IPX_BENCH_EXTRA="--device cpu --quick" to t
 stamp="$(date -u +%Y-%m-%d)"
 case "${1:?sampling, compiled or training}" in
   sampling)
-    python benchmarks/sampling_benchmark.py --rounds 13 "${EXTRA[@]}" | tee "$OUT/sampling.log" | tail -n 1 > "$OUT/${stamp}_sampling.json" ;;
+    python benchmarks/sampling_benchmark.py --rounds 15 "${EXTRA[@]}" | tee "$OUT/sampling.log" | tail -n 1 > "$OUT/${stamp}_sampling.json" ;;
   compiled)
-    python benchmarks/sampling_benchmark.py --rounds 7 --compile --configs plain sd15 plus stacked "${EXTRA[@]}" \
+    python benchmarks/sampling_benchmark.py --rounds 7 --compile --configs plain sd15 --batches 1 "${EXTRA[@]}" \
       | tee "$OUT/compiled.log" | tail -n 1 > "$OUT/${stamp}_sampling_compiled.json" ;;
   training)
     for variant in sd15 plus; do

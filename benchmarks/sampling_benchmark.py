@@ -8,6 +8,7 @@ Configurations are timed in interleaved, shuffled rounds after warm-up; medians 
 The last line printed is one JSON object with every number.
 """
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -113,7 +114,7 @@ def compiled(models):
     return result
 
 
-def sample(model, args, batch, seed):
+def sample(model, args, batch, seed, callback=None):
     import comfy.sample
     latent = torch.zeros(batch, 4, args.size // 8, args.size // 8)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
@@ -121,17 +122,29 @@ def sample(model, args, batch, seed):
     positive = [[torch.randn(1, 77, 768, generator=g), {}]]
     negative = [[torch.randn(1, 77, 768, generator=g), {}]]
     return comfy.sample.sample(model, noise, args.steps, 7.0, "euler", "normal", positive, negative, latent,
-                               disable_pbar=True, seed=seed)
+                               disable_pbar=True, seed=seed, callback=callback)
 
 
 def timed(model, args, batch, seed):
-    if args.device == "cuda":
+    """(wall seconds of one run, [seconds from each step's end to the next's]). The steps are timed on the GPU's own
+    clock by events recorded from the sampler's step callback (no synchronisation is added): a step's time there
+    includes the gaps in which the GPU waited for the CPU's launches, as the run's wall time does, without the
+    run's fixed costs (model loading, conditioning), which are the same for every configuration."""
+    cuda = args.device == "cuda"
+    events = []
+
+    def step_done(*_):
+        if cuda:
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+    if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    sample(model, args, batch, seed)
-    if args.device == "cuda":
+    sample(model, args, batch, seed, callback=step_done)
+    if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return wall, [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:])]
 
 
 def count_syncs(model, args, batch):
@@ -147,13 +160,18 @@ def count_syncs(model, args, batch):
 
 
 def count_kernels(model, args, batch):
-    """{kernel name: launches} on the GPU in one run (kernels, copies and fills), from the profiler."""
+    """({kernel name: launches}, GPU busy seconds) in one run (kernels, copies and fills), from the profiler.
+
+    Busy time is the sum of the device events' durations (one stream, so they do not overlap): how long the GPU
+    itself works, apart from the launch gaps that make up the rest of a launch-bound run's wall time."""
     from collections import Counter
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         sample(model, args, batch, seed=8)
         torch.cuda.synchronize()
-    return Counter(e.name[:80] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in events) / 1e6
+    return Counter(e.name[:80] for e in events), busy
 
 
 def peak_memory(model, args, batch):
@@ -165,16 +183,27 @@ def peak_memory(model, args, batch):
 
 
 def measure(models, args, batch):
+    began = time.perf_counter()
     for _ in range(args.warmup):
         for model in models.values():
             timed(model, args, batch, seed=0)
+    # Progress (a compiled warm-up can take minutes): the JSON report stays the last line.
+    print(f"batch {batch}: warm-up of {len(models)} configurations took {time.perf_counter() - began:.0f} s", flush=True)
     times = {name: [] for name in models}
+    steps = {name: [] for name in models}  # per round, the list of that run's step times
     order = list(models)
     rng = random.Random(0)
-    for r in range(args.rounds):
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(timed(models[name], args, batch, seed=100 + r))
+    gc.collect()
+    gc.disable()  # a collection inside one timed run is noise of the size being measured
+    try:
+        for r in range(args.rounds):
+            rng.shuffle(order)
+            for name in order:
+                wall, step_times = timed(models[name], args, batch, seed=100 + r)
+                times[name].append(wall)
+                steps[name].append(step_times)
+    finally:
+        gc.enable()
     result, kernels = {}, {}
     plain = statistics.median(times["plain"]) if "plain" in times else None
     for name, values in times.items():
@@ -186,10 +215,23 @@ def measure(models, args, batch):
             paired = [t / p for t, p in zip(values, times["plain"])]
             entry.update(ratio=round(statistics.median(paired), 4), ratio_of_medians=round(median / plain, 4),
                          ratio_of_minimums=round(min(values) / min(times["plain"]), 4))
+        flat = [t for run in steps[name] for t in run]
+        if flat:
+            quartiles = statistics.quantiles(flat, n=4)
+            entry.update(step_median_ms=round(1000 * quartiles[1], 3), step_iqr_ms=[round(1000 * quartiles[0], 3),
+                                                                                     round(1000 * quartiles[2], 3)])
+            if plain:
+                # The same step of the same round, ours over plain: many more pairs than runs, and much closer in
+                # time, so the machine's drift cancels better.
+                pairs = [t / p for run, plain_run in zip(steps[name], steps["plain"]) for t, p in zip(run, plain_run)]
+                entry.update(step_ratio=round(statistics.median(pairs), 4),
+                             step_ratio_of_medians=round(statistics.median(flat) / statistics.median(
+                                 [t for run in steps["plain"] for t in run]), 4))
         if args.device == "cuda":
             entry["syncs"] = count_syncs(models[name], args, batch)
-            kernels[name] = count_kernels(models[name], args, batch)
+            kernels[name], busy = count_kernels(models[name], args, batch)
             entry["kernels"] = sum(kernels[name].values())
+            entry["gpu_busy_s"] = round(busy, 5)
             entry["peak_bytes"] = peak_memory(models[name], args, batch)
         result[name] = entry
     if "plain" in result and args.device == "cuda":
@@ -198,6 +240,7 @@ def measure(models, args, batch):
             entry["added_syncs"] = entry["syncs"] - base["syncs"]
             entry["added_kernels_per_step"] = round((entry["kernels"] - base["kernels"]) / args.steps, 1)
             entry["added_peak_mib"] = round((entry["peak_bytes"] - base["peak_bytes"]) / 2 ** 20, 2)
+            entry["gpu_busy_ratio"] = round(entry["gpu_busy_s"] / base["gpu_busy_s"], 4)
         for name, counts in kernels.items():
             extra = counts - kernels["plain"]
             result[name]["added_kernels_by_name"] = {k: round(n / args.steps, 2) for k, n in extra.most_common(6)}
@@ -224,14 +267,16 @@ def main(argv=None):
                   "compiled": args.compile, "results": {}}
         for batch in args.batches:
             report["results"][f"batch{batch}"] = measure(models, args, batch)
+            print(f"batch {batch}: {json.dumps(report['results'][f'batch{batch}'])}", flush=True)
     print(f"{'config':<12}{'batch':>6}{'median s':>10}{'ratio':>8}{'min ratio':>10}{'+syncs':>8}{'+kern/step':>11}"
-          f"{'+MiB':>9}")
+          f"{'+MiB':>9}{'GPU busy':>9}{'step ms':>9}{'step ratio':>11}")
     for key, results in report["results"].items():
         for name, e in results.items():
             print(f"{name:<12}{key[5:]:>6}{e['median_s']:>10.4f}{e.get('ratio', 0):>8.3f}"
                   f"{e.get('ratio_of_minimums', 0):>10.3f}"
                   f"{e.get('added_syncs', '-'):>8}{e.get('added_kernels_per_step', '-'):>11}"
-                  f"{e.get('added_peak_mib', '-'):>9}")
+                  f"{e.get('added_peak_mib', '-'):>9}{e.get('gpu_busy_ratio', '-'):>9}"
+                  f"{e.get('step_median_ms', '-'):>9}{e.get('step_ratio', '-'):>11}")
     print(json.dumps(report))
     return report
 
