@@ -256,8 +256,8 @@ def train_adapter(model, clip, vae, clip_vision, images, captions: str, settings
             losses = trainer.loss_history()
             name = f"trained {spec.variant} ({steps} steps)"
             trained = loaded_adapter(trainer.adapter.state_dict(), name)
-    finally:  # interrupted or not, the UNet copy and the optimiser state leave the GPU now
-        del trainer, unet
+    finally:  # interrupted or not, the UNet copy, the adapter being trained and the optimiser state leave the GPU now
+        trainer = unet = adapter = None  # (also from this frame, which an exception's traceback keeps)
         comfy.model_management.soft_empty_cache()
     log.info("%s: loss %.4f -> %.4f", name, losses[0], losses[-1])
     return trained, losses

@@ -4,7 +4,7 @@
 # With no arguments the suite runs as several pytest processes, one per group below, one after the other: each group
 # builds full-size SD1.5 models (diffusers' UNet, the host's, training copies, benchmark subprocesses), and a single
 # process holding all of them outgrows a 24 GB machine. Every group runs even when an earlier one fails; the exit
-# status is non-zero if any failed, and the last lines list each group's result.
+# status is non-zero if any failed, and the last lines list each group's result. Ctrl-C stops the whole run (exit 130).
 # With arguments, one pytest process runs them as given, e.g. `bash scripts/test.sh tests/core -k variants`.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/find_python.sh" || { echo "!!! ComfyUI not found: host and server tests will be SKIPPED" >&2; PY=python3; }
@@ -32,6 +32,9 @@ GROUPS_RUN=(
 
 status=0
 summary=()
+# Ctrl-C (or SIGTERM) stops the whole run: pytest exits on it without dying of it, and bash alone would go on with
+# the next group. A trapped signal is acted on once the running group has stopped.
+trap 'echo; echo "!!! Interrupted: the remaining groups did not run." >&2; exit 130' INT TERM
 for group in "${GROUPS_RUN[@]}"; do
   name="${group%%|*}"
   read -r -a args <<< "${group#*|}"

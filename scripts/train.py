@@ -127,9 +127,11 @@ def adapter_spec(args, core, clip_vision, glue):
     return core["training"].new_adapter_spec(args.variant, glue.encoder_widths(clip_vision)[output]), None
 
 
-def check_cache_fits(args, dropped, storage, world_size) -> None:
+def check_cache_fits(args, dropped, storage, world_size, group=None) -> None:
     """Refuse to encode a dataset whose cached encodings would not fit in this machine's free memory (every
-    process holds all of them; with several processes, the exchange holds a second copy for a while)."""
+    process holds all of them; with several processes, the exchange holds a second copy for a while). With several
+    processes each checks its own machine and all refuse if any does (``group``: one that exchanges CPU objects): a
+    process that went on alone would wait for the others forever."""
     import psutil
     per_example = 8 * (args.resolution // 8) ** 2 + dropped.image_embeds[0].numel() + dropped.context[0].numel()
     needed = args.dataset_size * per_example * torch.empty((), dtype=storage).element_size()
@@ -138,10 +140,18 @@ def check_cache_fits(args, dropped, storage, world_size) -> None:
     available = psutil.virtual_memory().available
     log.info("cached encodings: %.2f GiB for %d images (%.2f GiB of memory available)", needed / 2 ** 30,
              args.dataset_size, available / 2 ** 30)
+    refusal = None
     if needed > 0.8 * available:
-        raise ValueError(f"caching the encodings of {args.dataset_size} images needs about {needed / 2 ** 30:.1f} "
-                         f"GiB of memory, {available / 2 ** 30:.1f} GiB are available: run with --no-cache (the "
-                         f"encoders then run on every step, as in the official script) or use fewer images")
+        refusal = (f"caching the encodings of {args.dataset_size} images needs about {needed / 2 ** 30:.1f} GiB of "
+                   f"memory, {available / 2 ** 30:.1f} GiB are available: run with --no-cache (the encoders then "
+                   f"run on every step, as in the official script) or use fewer images")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        refusals = [None] * dist.get_world_size()
+        mine = None if refusal is None else f"process {dist.get_rank()}: {refusal}"
+        dist.all_gather_object(refusals, mine, group=group)
+        refusal = next((found for found in refusals if found is not None), None)
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def encode_all(dataset, encoders, args, rank, world_size, group, core):
@@ -162,7 +172,8 @@ def live_fetch(dataset, encoders, args, trainer, rank, world_size, core):
         args.seed, len(dataset), trainer.samples_seen, args.batch_size,
         (args.steps - trainer.step) * args.grad_accumulation, world_size, rank)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                               pin_memory=trainer.device.type == "cuda"))
+                                               pin_memory=trainer.device.type == "cuda",
+                                               worker_init_fn=ignore_stop_signals))
 
     def fetch(indices):
         batch = next(batches)
@@ -173,14 +184,11 @@ def live_fetch(dataset, encoders, args, trainer, rank, world_size, core):
     return fetch
 
 
-def prepare_data(args, glue, core, device, rank, world_size, group):
-    """(spec, starting state, dataset, dropped inputs, fetch or None, encoders or None). With caching the dataset is
-    encoded here and the encoders are released before the UNet is loaded."""
+def prepare_data(args, dataset, resumed, glue, core, device, rank, world_size, group):
+    """(spec, starting state, dropped inputs, fetch or None, encoders or None). With caching the dataset is encoded
+    here and the encoders are released before the UNet is loaded."""
     import comfy.clip_vision
     import comfy.sd
-    dataset = core["train_data"].ImageTextDataset(core["train_data"].read_dataset(args.data_json, args.data_root),
-                                                  args.resolution)
-    args.dataset_size = len(dataset)
     storage = glue.compute_dtype(args.precision, device) if device.type == "cuda" else torch.float32
     for path in (args.checkpoint, args.clip_vision, args.init_adapter):
         if path and not os.path.isfile(path):
@@ -189,13 +197,15 @@ def prepare_data(args, glue, core, device, rank, world_size, group):
                                                       output_model=False)[1:3]
     clip_vision = comfy.clip_vision.load(args.clip_vision)
     spec, start = adapter_spec(args, core, clip_vision, glue)
+    if resumed is not None:
+        check_resumed_variant(*resumed, spec, core)
     encoders = glue.HostEncoders(vae, clip, clip_vision, spec, storage_dtype=storage,
                                  output_device=device if args.no_cache else "cpu")
     dropped = encoders.dropped()
     if args.no_cache:
-        return spec, start, dataset, dropped, None, encoders
-    check_cache_fits(args, dropped, storage, world_size)
-    return spec, start, dataset, dropped, encode_all(dataset, encoders, args, rank, world_size, group, core), None
+        return spec, start, dropped, None, encoders
+    check_cache_fits(args, dropped, storage, world_size, group)
+    return spec, start, dropped, encode_all(dataset, encoders, args, rank, world_size, group, core), None
 
 
 def release_models():
@@ -207,7 +217,12 @@ def release_models():
 
 def build_trainer(args, glue, core, device, rank, world_size, group):
     import comfy.sd
-    spec, start, dataset, dropped, fetch, encoders = prepare_data(args, glue, core, device, rank, world_size, group)
+    dataset = core["train_data"].ImageTextDataset(core["train_data"].read_dataset(args.data_json, args.data_root),
+                                                  args.resolution)
+    args.dataset_size = len(dataset)
+    resumed = checkpoint_to_resume(args, core)  # refused now, not after minutes of loading and encoding
+    spec, start, dropped, fetch, encoders = prepare_data(args, dataset, resumed, glue, core, device, rank, world_size,
+                                                         group)
     release_models()
     dtype = glue.compute_dtype(args.precision, device)
     model = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=False,
@@ -226,7 +241,8 @@ def build_trainer(args, glue, core, device, rank, world_size, group):
         adapter, glue.unet_call(unet), num_examples=len(dataset), dropped=dropped, alphas_cumprod=alphas_cumprod,
         latent_scale=latent_scale, settings=settings, device=device, compute_dtype=dtype,
         attention=glue.host_attention, image_attention=glue.host_image_attention, rank=rank, world_size=world_size)
-    resume(args, trainer, core, spec)
+    if resumed is not None:
+        resume(args, trainer, *resumed)
     if fetch is None:
         fetch = live_fetch(dataset, encoders, args, trainer, rank, world_size, core)
     return trainer, fetch, spec
@@ -265,17 +281,15 @@ def run_identity(args) -> dict:
             "global_batch": args.batch_size * args.world_size * args.grad_accumulation}
 
 
-def resume(args, trainer, core, spec):
+def checkpoint_to_resume(args, core):
+    """(path, state) of the output folder's newest checkpoint, None if there is none or --no-resume. Refused at once,
+    before any model is loaded or image encoded, if it was trained with another seed, dataset size or global batch
+    (unless --resume-anyway)."""
     path = None if args.no_resume else core["train_checkpoints"].latest_checkpoint(Path(args.output_dir) /
                                                                                   "checkpoints")
     if path is None:
-        return
+        return None
     state = core["train_checkpoints"].load_checkpoint(path)
-    found = core["variants"].detect_variant(state["adapter"], str(path)).variant
-    if found != spec.variant:
-        raise core["errors"].UnsupportedAdapterError(
-            f"{path} holds a {found} adapter but this run trains {spec.variant}; use another --output-dir or "
-            f"--no-resume")
     saved = state.get("run") or {}
     changed = {key: (saved[key], value) for key, value in run_identity(args).items()
                if key in saved and saved[key] != value}
@@ -285,6 +299,18 @@ def resume(args, trainer, core, spec):
             raise ValueError(f"{path} was trained with other settings ({listed}): resuming would not continue that "
                              f"run. Use the same settings, or --resume-anyway, or --no-resume / another --output-dir")
         log.warning("resuming although %s", listed)
+    return path, state
+
+
+def check_resumed_variant(path, state, spec, core) -> None:
+    found = core["variants"].detect_variant(state["adapter"], str(path)).variant
+    if found != spec.variant:
+        raise core["errors"].UnsupportedAdapterError(
+            f"{path} holds a {found} adapter but this run trains {spec.variant}; use another --output-dir or "
+            f"--no-resume")
+
+
+def resume(args, trainer, path, state):
     trainer.load_state_dict(state)
     args.resumed_step = trainer.step
     log.info("resumed from %s (step %d, %d samples seen)", path, trainer.step, trainer.samples_seen)
@@ -299,10 +325,33 @@ def save(args, trainer, core, spec, final=False, checkpoint=True):
         core["train_checkpoints"].prune_checkpoints(folder / "checkpoints", args.keep_checkpoints)
     if final:
         fp16 = {k: v.half() for k, v in trainer.adapter.state_dict().items()}
-        core["files"].save_adapter_safetensors(fp16, str(folder / "ip_adapter.safetensors"), metadata)
+        replace_atomically(folder / "ip_adapter.safetensors",
+                           lambda partial: core["files"].save_adapter_safetensors(fp16, partial, metadata))
+
+
+def replace_atomically(path: Path, write) -> None:
+    """write(a temporary path beside ``path``), then rename it to ``path``: a run stopped or killed while writing
+    leaves the previous file (or none), never half of one. (Checkpoints are written so by save_checkpoint.)"""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(str(partial))
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn of the data loader that feeds training (--no-cache): a Ctrl-C (the terminal sends it to every
+    process of the run) or a SIGTERM sent to all processes (a cluster's pre-emption) leaves the image-loading workers
+    running, so that the main process finishes its step and saves (a worker that died would end the run with a
+    traceback and no checkpoint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 
 class StopRequest:
     """Ctrl-C / SIGTERM while training: the step in progress finishes, then the run saves and stops (a second signal
@@ -364,10 +413,11 @@ def train(args, trainer, fetch, core, spec, rank) -> bool:
                     saved_step = trainer.step
                 if stop.requested(at_log):
                     break
-        done = trainer.step >= args.steps
-        if rank == 0 and (done or saved_step != trainer.step):
-            # the final adapter also when a resumed run had nothing left to do
-            save(args, trainer, core, spec, final=done, checkpoint=saved_step != trainer.step)
+            done = trainer.step >= args.steps
+            if rank == 0 and (done or saved_step != trainer.step):
+                # still under the handlers: a signal now lets the save finish. The final adapter also when a resumed
+                # run had nothing left to do.
+                save(args, trainer, core, spec, final=done, checkpoint=saved_step != trainer.step)
         if rank == 0 and not done:
             log.warning("stopped at step %d; checkpoint %s; run the same command again to resume", trainer.step,
                         Path(args.output_dir) / "checkpoints" / core["train_checkpoints"].checkpoint_name(trainer.step))

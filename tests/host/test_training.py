@@ -166,17 +166,21 @@ def test_loss_history_feeds_the_hosts_loss_graph(overfit, tmp_path, monkeypatch)
 
 @pytest.fixture
 def saved(host, overfit, tmp_path, monkeypatch):
-    """The trained adapter written by the save node (fp32) into a temporary models/ipadapter, and that folder."""
+    """The trained adapter written by the save node (fp32) into a temporary models/ipadapter, and that folder. The
+    host's folder list and file-list cache are restored whatever happens (a failed assert included)."""
     import folder_paths
     monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
-    folder_paths.add_model_folder_path("ipadapter", str(tmp_path / "ipadapter"), is_default=True)  # the save folder
-    save = host.NODE_CLASS_MAPPINGS["IPXSaveAdapter"]
-    name = save.execute(overfit.adapter, "trained/ipx", "fp32").result[0]
-    assert name == "trained/ipx_00001_.safetensors" and (tmp_path / "ipadapter" / name).is_file()
-    assert save.execute(overfit.adapter, "trained/ipx", "fp16").result[0] == "trained/ipx_00002_.safetensors"
-    yield tmp_path / "ipadapter", name
-    folder_paths.folder_names_and_paths["ipadapter"][0].remove(str(tmp_path / "ipadapter"))
-    folder_paths.filename_list_cache.pop("ipadapter", None)
+    paths, extensions = folder_paths.folder_names_and_paths["ipadapter"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ipadapter",  # first: the save folder
+                        ([str(tmp_path / "ipadapter"), *paths], extensions))
+    try:
+        save = host.NODE_CLASS_MAPPINGS["IPXSaveAdapter"]
+        name = save.execute(overfit.adapter, "trained/ipx", "fp32").result[0]
+        assert name == "trained/ipx_00001_.safetensors" and (tmp_path / "ipadapter" / name).is_file()
+        assert save.execute(overfit.adapter, "trained/ipx", "fp16").result[0] == "trained/ipx_00002_.safetensors"
+        yield tmp_path / "ipadapter", name
+    finally:
+        folder_paths.filename_list_cache.pop("ipadapter", None)  # it lists the temporary folder
 
 
 def training_prediction(probe, adapter, latent, timestep, context, embeds):
@@ -256,7 +260,9 @@ def test_plus_variant_continues_from_an_adapter_file_without_changing_it(host, h
     assert 0 < moved <= 2e-4 * 1.01, "one AdamW step of lr 1e-4 moves each weight by at most about 1e-4"
 
 
-def test_cancel_stops_training_at_the_next_step(host, host_sd15, encoders, monkeypatch):
+def cancelled_after_one_step(host, host_sd15, encoders, monkeypatch):
+    """Runs the node for 5 steps, cancelled (as the host's Cancel does) when the first step is reported; returns the
+    (step, steps) reported and the raised exception's info."""
     import comfy.model_management
     import comfy.utils
     seen = []
@@ -267,11 +273,36 @@ def test_cancel_stops_training_at_the_next_step(host, host_sd15, encoders, monke
 
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
     try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
+        with pytest.raises(comfy.model_management.InterruptProcessingException) as raised:
             run_node(host, host_sd15, encoders, training_images(1), steps=5, batch_size=1)
     finally:
         comfy.model_management.interrupt_current_processing(False)
+    return seen, raised
+
+
+def test_cancel_stops_training_at_the_next_step(host, host_sd15, encoders, monkeypatch):
+    seen, _ = cancelled_after_one_step(host, host_sd15, encoders, monkeypatch)
     assert seen == [(1, 5)], "one step done and reported, then stopped"
+
+
+def test_a_cancelled_training_lets_go_of_the_adapter_it_trained(host, glue, host_sd15, encoders, monkeypatch):
+    """The exception's traceback keeps the training function's frame alive (the host's executor holds it while it
+    reports the error): the adapter (on the GPU, with the trainer's copy of the UNet and the optimiser state) must
+    not be kept by it."""
+    import weakref
+    made = []
+    init_adapter = glue.init_adapter
+
+    def tracked_init_adapter(*args, **kwargs):
+        adapter = init_adapter(*args, **kwargs)
+        made.append(weakref.ref(adapter))
+        return adapter
+
+    monkeypatch.setattr(glue, "init_adapter", tracked_init_adapter)
+    _, raised = cancelled_after_one_step(host, host_sd15, encoders, monkeypatch)
+    gc.collect()
+    assert len(made) == 1 and raised.tb is not None
+    assert made[0]() is None, "the cancelled training's adapter is still referenced"
 
 
 def test_conditioning_replaces_the_captions(glue):

@@ -130,23 +130,40 @@ def test_a_missing_image_is_a_clear_error(models, dataset, tmp_path):
     assert "absent.png" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_signal_ends_the_run_after_its_step_with_a_checkpoint_and_the_run_resumes(models, dataset, tmp_path):
-    out = tmp_path / "signalled"
-    args = [*models, *dataset, *COMMON, "--output-dir", str(out)]
+def long_run_args(models, dataset, out: Path, *extra) -> list:
+    """Arguments of a run that only a signal ends (1000 steps, no checkpoint before the last step)."""
+    args = [*models, *dataset, *COMMON, "--output-dir", str(out), *extra]
     args[args.index("--steps") + 1] = "1000"
     args[args.index("--save-every") + 1] = "1000"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=PACK_DIR, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return args
+
+
+def signalled(command: list, out: Path, send, env=None):
+    """Runs command in a session of its own (its output in files beside out: a pipe nobody reads while it runs
+    could fill and block it), calls send(process) once the first step is logged, waits for the end; returns
+    (exit code, stderr)."""
+    stdout, stderr = out.with_name(out.name + ".stdout"), out.with_name(out.name + ".stderr")
+    with open(stdout, "w") as out_file, open(stderr, "w") as err_file:
+        proc = subprocess.Popen(command, cwd=PACK_DIR, env=env, stdout=out_file, stderr=err_file,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while not ((out / "loss.jsonl").is_file() and (out / "loss.jsonl").read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
             time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=600)
+        send(proc)
+        proc.wait(timeout=600)
     finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr[-3000:]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, stderr.read_text()
+
+
+def test_a_signal_ends_the_run_after_its_step_with_a_checkpoint_and_the_run_resumes(models, dataset, tmp_path):
+    out = tmp_path / "signalled"
+    returncode, stderr = signalled([sys.executable, str(SCRIPT), *long_run_args(models, dataset, out)], out,
+                                   lambda proc: proc.send_signal(signal.SIGINT))
+    assert returncode == 130, stderr[-3000:]
     steps = len(losses(out))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step-{steps:08d}"]
     assert f"stopped at step {steps}" in stderr and "Traceback" not in stderr
@@ -165,6 +182,8 @@ def test_resuming_with_other_settings_is_refused_unless_asked(models, dataset, s
     proc = run(args)
     assert proc.returncode == 2 and "seed 3 -> 4" in proc.stderr and "--resume-anyway" in proc.stderr, \
         proc.stderr[-2000:]
+    assert "cached encodings" not in proc.stderr and "encoding" not in proc.stderr, \
+        f"refused only after encoding the dataset:\n{proc.stderr[-2000:]}"
     trained(models, dataset, out, "--resume-anyway", "--seed", "4")  # already at --steps: nothing to train
     assert len(losses(out)) == 2, "no step was trained"
     assert (out / ADAPTER_FILE).is_file(), "a run already at --steps still writes the final adapter"
@@ -181,24 +200,29 @@ def test_a_signal_under_torchrun_stops_every_process_after_the_same_step(models,
     """torchrun passes a signal on to its processes as SIGTERM; they agree at the next logging step (here every
     step) and all stop after it; rank 0 writes the checkpoint of that step."""
     out = tmp_path / "signalled-ddp"
-    args = [*models, *dataset, *COMMON, "--output-dir", str(out), "--batch-size", "1"]
-    args[args.index("--steps") + 1] = "1000"
-    args[args.index("--save-every") + 1] = "1000"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(SCRIPT), *args], cwd=PACK_DIR, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not ((out / "loss.jsonl").is_file() and (out / "loss.jsonl").read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)  # to torchrun, as a cluster's pre-emption does
-        _, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+               *long_run_args(models, dataset, out, "--batch-size", "1")]
+    # SIGTERM to torchrun alone, as a cluster's pre-emption does
+    _, stderr = signalled(command, out, lambda proc: proc.send_signal(signal.SIGTERM),
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     steps = len(losses(out))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step-{steps:08d}"], stderr[-3000:]
     assert f"stopped at step {steps}" in stderr, stderr[-3000:]
     assert load_checkpoint(out / "checkpoints" / f"step-{steps:08d}")["samples_seen"] == 2 * steps
+
+
+def test_a_signal_to_every_process_of_a_run_loading_images_in_workers_stops_it_after_its_step(models, dataset,
+                                                                                              tmp_path):
+    """--no-cache with an image-loading worker process: a signal sent to every process of the run (here SIGTERM, as
+    from a cluster stopping a job; Ctrl-C sends SIGINT to the terminal's whole process group) reaches the worker too;
+    the worker leaves it to the trainer, which stops after its step with a checkpoint. (A worker killed by SIGTERM
+    makes the data loader raise in the trainer at once; one that got SIGINT only when the next batch is waited for.)"""
+    out = tmp_path / "signalled-workers"
+    args = long_run_args(models, dataset, out, "--no-cache")
+    args[args.index("--num-workers") + 1] = "1"
+    returncode, stderr = signalled([sys.executable, str(SCRIPT), *args], out,
+                                   lambda proc: os.killpg(proc.pid, signal.SIGTERM))
+    assert returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    steps = len(losses(out))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step-{steps:08d}"], stderr[-3000:]
+    assert f"stopped at step {steps}" in stderr
