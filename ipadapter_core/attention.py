@@ -13,6 +13,7 @@ import copy
 import torch
 from torch.nn import functional as F
 
+from . import fused
 from .layers import CrossAttentionLayer
 from .prompt import ImagePrompt  # noqa: F401  (re-exported: the patch's companion)
 
@@ -41,16 +42,19 @@ class DecoupledCrossAttention:
     image prompt's weighted attention over its own image keys and values."""
 
     def __init__(self, layer: CrossAttentionLayer, prompts, attention=sdpa_attention, previous=None, models=(),
-                 image_attention=None):
+                 image_attention=None, fuse=None):
         """``attention(q, k, v, heads, attn_precision, skip_output_reshape, transformer_options)`` computes the text
         attention (and the image attention unless ``image_attention`` is given); ``image_attention(q, k, v,
-        transformer_options)`` takes heads-split (rows, heads, tokens, dim_head) tensors and returns the same."""
+        transformer_options)`` takes heads-split (rows, heads, tokens, dim_head) tensors and returns the same.
+        ``fuse(q, transformer_options)``: whether this call's image attention may run as fused.attention_add (one
+        kernel per prompt: image attention, weighting and the add, written in the output layout); None: never."""
         self.layer = layer
         self.prompts = tuple(prompts)
         self.attention = attention
         self.image_attention = image_attention
         self.previous = previous
         self._models = tuple(models)
+        self.fuse = fuse
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -64,6 +68,8 @@ class DecoupledCrossAttention:
         if out.ndim != 4 or out.shape[0] != batch:
             out = heads_first(out, batch, tokens, heads)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
+        if self.fuse is not None and self.prompts and self.fuse(q, extra_options):
+            return self._fused(q, out, heads, cond_or_uncond, extra_options)
         for prompt in self.prompts:
             ip_out = self._image_term(prompt, q, heads, precision, cond_or_uncond, extra_options)
             if ip_out.ndim != 4 or ip_out.shape[0] != batch:
@@ -73,6 +79,16 @@ class DecoupledCrossAttention:
             else:
                 out = out + ip_out
         return out.transpose(1, 2).reshape(batch, tokens, channels)
+
+    def _fused(self, q, out, heads, cond_or_uncond, extra_options):
+        batch, tokens, _ = q.shape
+        result = None
+        for prompt in self.prompts:  # the first prompt writes the output layout; the next ones add to it in place
+            ip_k, ip_v = prompt.layer_kv(self.layer.layer_index, cond_or_uncond, batch, q.device, q.dtype, heads)
+            factor = prompt.factor(extra_options, tokens, batch, q.device, q.dtype) if prompt.has_factor else None
+            result = fused.attention_add(q, out, ip_k, ip_v, factor, result)
+            out = result.unflatten(-1, (heads, -1)).transpose(1, 2)
+        return result
 
     def _image_term(self, prompt, q, heads, precision, cond_or_uncond, extra_options):
         # Attention treats queries independently, so the latents sharing one row of image keys (a cond/uncond chunk)
@@ -89,7 +105,7 @@ class DecoupledCrossAttention:
     def stacked(self, prompt: ImagePrompt, models=()):
         """A new patch with one more image prompt; this one is left as it is."""
         return DecoupledCrossAttention(self.layer, self.prompts + (prompt,), self.attention, self.previous,
-                                       self._models + tuple(models), self.image_attention)
+                                       self._models + tuple(models), self.image_attention, self.fuse)
 
     def to(self, device_or_dtype):
         # Caches are keyed by device and dtype, and the adapter weights travel through models(): nothing to move.
@@ -107,4 +123,4 @@ class DecoupledCrossAttention:
         # The host deep-copies model options on every clone: share the prompts (weights, embeddings, caches).
         previous = copy.deepcopy(self.previous, memo) if self.previous is not None else None
         return DecoupledCrossAttention(self.layer, self.prompts, self.attention, previous, self._models,
-                                       self.image_attention)
+                                       self.image_attention, self.fuse)

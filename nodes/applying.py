@@ -5,7 +5,7 @@ import comfy.ldm.modules.attention
 import comfy.patcher_extension
 from comfy_api.latest import io
 
-from ..ipadapter_core import BY_TRANSFORMER_INDEX, SD15_LAYERS, DecoupledCrossAttention, ImagePrompt
+from ..ipadapter_core import BY_TRANSFORMER_INDEX, SD15_LAYERS, DecoupledCrossAttention, ImagePrompt, fused
 from ..ipadapter_core.weights import layer_weights_for, parse_layer_weights, parse_step_schedule
 from ..ipadapter_core.embeds import ImageEmbeds, check_embeds_for
 from ..ipadapter_core.errors import ModelMismatchError
@@ -34,6 +34,17 @@ def host_image_attention(q, k, v, transformer_options):
         return attention.optimized_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True,
                                              transformer_options=transformer_options)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def host_fuse(q, transformer_options):
+    """Whether the image attention of this call runs as one fused kernel (image attention, weighting and add): on
+    the GPU in fp16/bf16 without gradients (fused.usable), for UNet calls big enough that the GPU's time, not the
+    CPU's launches, sets the pace (fused.large_enough), and only when no node overrides the host's attention (an
+    override sees every attention call, so the unfused path keeps calling it). The host's backend choice (PyTorch,
+    xformers, sage, flash) only changes how the same softmax attention is computed; the fused kernel computes it
+    exactly, with float32 scores and sums."""
+    return "optimized_attention_override" not in transformer_options and fused.usable(q) and \
+        fused.large_enough(q, transformer_options)
 
 
 def check_model(model, adapter: LoadedAdapter) -> None:
@@ -111,7 +122,8 @@ def apply_adapter(model, adapter: LoadedAdapter, embeds: ImageEmbeds, weight: fl
             patch = current.stacked(prompt, models=[adapter.patcher])
         else:
             patch = DecoupledCrossAttention(layer, [prompt], host_attention, previous=current,
-                                            models=[adapter.patcher], image_attention=host_image_attention)
+                                            models=[adapter.patcher], image_attention=host_image_attention,
+                                            fuse=host_fuse)
         patched.set_model_attn2_replace(patch, *layer.host_key)
     wrappers = comfy.patcher_extension.get_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
                                                              WRAPPER_KEY, patched.model_options, is_model_options=True)

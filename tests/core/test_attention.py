@@ -217,3 +217,12 @@ def test_without_cache_gradients_reach_the_adapter():
     assert trainable.image_proj.proj.weight.grad.abs().sum() > 0
     assert trainable.ip_adapter[str(layer.layer_index)].to_k_ip.weight.grad.abs().sum() > 0
     assert trainable.ip_adapter["31"].to_k_ip.weight.grad is None  # another layer's weights are not involved
+
+
+def test_fused_kernel_is_chosen_only_for_big_unet_calls():
+    """Small UNet calls are bound by kernel launches, where Triton's launch costs more than it saves (fused.py)."""
+    from ipadapter_core import fused
+    q = torch.zeros(2, 4096, 320)
+    assert not fused.large_enough(q, {"original_shape": [2, 4, 64, 64]})  # 512x512, batch 1 with cfg
+    assert fused.large_enough(q, {"original_shape": [16, 4, 96, 96]})  # 768x768, batch 8 with cfg
+    assert fused.large_enough(torch.zeros(16, 4096, 320), {})  # no latent shape given: the layer's own tokens
