@@ -54,7 +54,7 @@ if triton is not None:
     def _attention_add(q_ptr, o_ptr, k_ptr, v_ptr, f_ptr, y_ptr,
                        sq_b, sq_t, sq_h, sq_d, so_b, so_h, so_t, so_d, sk_r, sk_h, sk_n, sk_d,
                        sv_r, sv_h, sv_n, sv_d, sf_b, sf_t, sy_b, sy_t, sy_h, sy_d,
-                       tokens, image_tokens, per_row, scale,
+                       tokens, per_row, scale, IMAGE_TOKENS: tl.constexpr,
                        HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_N: tl.constexpr, HAS_FACTOR: tl.constexpr):
         b = tl.program_id(1) // HEADS
@@ -69,13 +69,13 @@ if triton is not None:
         best = tl.full((BLOCK_T,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_T,), tl.float32)
         acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-        for start in range(0, image_tokens, BLOCK_N):
+        for start in range(0, IMAGE_TOKENS, BLOCK_N):  # a compile-time bound (older interpreters need one)
             n = start + tl.arange(0, BLOCK_N)
-            nd_in = (n < image_tokens)[:, None] & d_in[None, :]
+            nd_in = (n < IMAGE_TOKENS)[:, None] & d_in[None, :]
             k = tl.load(k_ptr + row * sk_r + h * sk_h + n[:, None] * sk_n + d[None, :] * sk_d, mask=nd_in, other=0.0)
             v = tl.load(v_ptr + row * sv_r + h * sv_h + n[:, None] * sv_n + d[None, :] * sv_d, mask=nd_in, other=0.0)
             scores = tl.dot(q, tl.trans(k)) * scale
-            scores = tl.where((n < image_tokens)[None, :], scores, float("-inf"))
+            scores = tl.where((n < IMAGE_TOKENS)[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
             p = tl.exp(scores - new_best[:, None])
             rescale = tl.exp(best - new_best)
@@ -120,7 +120,7 @@ def attention_add(q, text_out, k, v, factor=None, result=None):
     _attention_add[grid](q4, text_out, k, v, f_ptr, y4,
                          q4.stride(0), q4.stride(1), q4.stride(2), q4.stride(3), *text_out.stride(), *k.stride(),
                          *v.stride(), *f_strides, y4.stride(0), y4.stride(1), y4.stride(2), y4.stride(3),
-                         tokens, image_tokens, batch // rows, dim ** -0.5,
+                         tokens, batch // rows, dim ** -0.5, IMAGE_TOKENS=image_tokens,
                          HEADS=heads, DIM=dim, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_N=block_n,
                          HAS_FACTOR=factor is not None, num_warps=8 if block_d >= 256 else 4)
     return result
