@@ -23,11 +23,10 @@ reported, with every round's throughput, the first round's peak memory (nothing 
 configuration's loss and prediction on one fixed batch, against the official loop's. The host runs in high-VRAM mode,
 as scripts/train.py runs it. The last line printed is one JSON object.
 
-Measured on an H200 (4 rounds, 512x512, batch 8): official 49.6 samples/s, 14.4 GiB peak; ours (bf16) 97.0, 7.8 GiB
-(1.95x); ours-fp16 100.8 (2.03x); ours-encoders 54.5 (1.10x); fixed-batch loss 1.12398 (official) vs 1.12373 (bf16)
-and 1.12397 (fp16). That was before training projected the image tokens once per UNet call (it projected them in
-each of the 16 layers, for cond and uncond); not yet measured since. The plus variant is not yet measured on a GPU;
-on the CPU (fp32, 64x64) ours predicts the official plus loop's noise to 1e-6 relative.
+Measured on an H100 (3 rounds, 512x512, batch 8, two runs; README "Training" has the table): official 35-38
+samples/s, 14.4 GiB peak (plus 14.8); ours bf16 71-75 (1.85x-2.12x), 7.8 GiB (plus 65-70, 1.72x-1.88x, 8.3 GiB);
+fixed-batch loss 1.12398 (official) vs 1.12373 (bf16) and 1.12397 (fp16). Earlier on an H200: official 49.6, ours
+bf16 97.0 (1.95x). On the CPU (fp32, 64x64) ours predicts the official plus loop's noise to 1e-6 relative.
 """
 import argparse
 import gc
