@@ -90,8 +90,9 @@ class ImagePrompt:
         return self.layer_weights.get(layer_index, self.weight)
 
     def image_tokens(self) -> torch.Tensor:
-        """(2, rows, tokens, dim): [0] the conditional image prompt, [1] the unconditional one; one row holding every
-        reference image's tokens, or one row per latent with ``per_latent``. Computed where the adapter's weights
+        """(halves, rows, tokens, dim): [0] the conditional image prompt, [1] the unconditional one (halves = 1, the
+        conditional only, when ``uncond_embeds`` is None); one row holding every reference image's tokens, or one row
+        per latent with ``per_latent``. Computed where the adapter's weights
         are; the embeddings travel there without blocking the host."""
         param = next(self.adapter.parameters())
         key = (param.device, param.dtype)
