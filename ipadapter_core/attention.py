@@ -70,15 +70,20 @@ class DecoupledCrossAttention:
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
         if self.fuse is not None and self.prompts and self.fuse(q, extra_options):
             return self._fused(q, out, heads, cond_or_uncond, extra_options)
+        # The adds run on (batch, tokens, heads, dim_head) views, the layout the result is returned in (and the one
+        # flash attention's outputs already have): the sum then reshapes to (batch, tokens, channels) as a view. Added
+        # in (batch, heads, tokens, dim_head) order instead, torch.compile materialised that order and then copied it.
+        out = out.transpose(1, 2)
         for prompt in self.prompts:
             ip_out = self._image_term(prompt, q, heads, precision, cond_or_uncond, extra_options)
             if ip_out.ndim != 4 or ip_out.shape[0] != batch:
                 ip_out = heads_first(ip_out, batch, tokens, heads)
             if prompt.has_factor:
-                out = torch.addcmul(out, ip_out, prompt.factor(extra_options, tokens, batch, q.device, out.dtype))
+                factor = prompt.factor(extra_options, tokens, batch, q.device, out.dtype)
+                out = torch.addcmul(out, ip_out.transpose(1, 2), factor.transpose(1, 2))
             else:
-                out = out + ip_out
-        return out.transpose(1, 2).reshape(batch, tokens, channels)
+                out = out + ip_out.transpose(1, 2)
+        return out.reshape(batch, tokens, channels)
 
     def _fused(self, q, out, heads, cond_or_uncond, extra_options):
         batch, tokens, _ = q.shape

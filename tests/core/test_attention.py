@@ -226,3 +226,23 @@ def test_fused_kernel_is_chosen_only_for_big_unet_calls():
     assert not fused.large_enough(q, {"original_shape": [2, 4, 64, 64]})  # 512x512, batch 1 with cfg
     assert fused.large_enough(q, {"original_shape": [16, 4, 96, 96]})  # 768x768, batch 8 with cfg
     assert fused.large_enough(torch.zeros(16, 4096, 320), {})  # no latent shape given: the layer's own tokens
+
+
+def test_compiled_patch_adds_in_the_layout_it_returns(adapter, embeds):
+    """Under torch.compile (inductor, here on the CPU) the sum is built in the (batch, tokens, channels) layout the
+    patch returns: no (batch, heads, tokens, dim_head) intermediate written and then copied once more."""
+    from torch._inductor.utils import run_and_get_code
+    layer = SD15_LAYERS[0]
+    q, k, v = qkv(layer)
+    batch, tokens, channels = q.shape
+    dim = channels // HEADS
+    patch = DecoupledCrossAttention(layer, [ImagePrompt(adapter, *embeds, weight=0.7)])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = patch(q, k, v, options())  # also projects and keeps the image keys and values
+        compiled, code = run_and_get_code(torch.compile(lambda q, k, v: patch(q, k, v, options())), q, k, v)
+    torch._dynamo.reset()
+    heads_first_buffer = f"({batch}, {HEADS}, {tokens}, {dim}), ({tokens * channels}, {tokens * dim}, {dim}, 1)"
+    assert "empty_strided" in "\n".join(code)  # the generated code is the kind this test reads
+    assert heads_first_buffer not in "\n".join(code)
+    torch.testing.assert_close(compiled, eager)
