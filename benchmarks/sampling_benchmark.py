@@ -193,7 +193,8 @@ def measure(models, args, batch):
         for model in models.values():
             timed(model, args, batch, seed=0)
     # Progress (a compiled warm-up can take minutes): the JSON report stays the last line.
-    print(f"batch {batch}: warm-up of {len(models)} configurations took {time.perf_counter() - began:.0f} s", flush=True)
+    print(f"batch {batch}: warm-up of {len(models)} configurations took {time.perf_counter() - began:.0f} s",
+          flush=True)
     times = {name: [] for name in models}
     steps = {name: [] for name in models}  # per round, the list of that run's step times
     order = list(models)

@@ -69,7 +69,12 @@ class DecoupledCrossAttention:
             out = heads_first(out, batch, tokens, heads)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
         if self.fuse is not None and self.prompts and self.fuse(q, extra_options):
-            return self._fused(q, out, heads, cond_or_uncond, extra_options)
+            try:
+                return self._fused(q, out, heads, cond_or_uncond, extra_options)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # the fused kernel is an optimisation: never the reason a prompt fails
+                fused.switch_off(error)  # (``out`` is untouched: the first prompt writes a new tensor)
         # The adds run on (batch, tokens, heads, dim_head) views, the layout the result is returned in (and the one
         # flash attention's outputs already have): the sum then reshapes to (batch, tokens, channels) as a view. Added
         # in (batch, heads, tokens, dim_head) order instead, torch.compile materialised that order and then copied it.

@@ -12,6 +12,7 @@ Used only where it is exact to the unfused path's math and needs no autograd: CU
 not while torch.compile traces (inductor fuses the unfused path itself). ``TRITON_INTERPRET=1`` runs the kernel on the
 CPU (slowly), which is how the CPU tests check it.
 """
+import logging
 import os
 
 import torch
@@ -24,6 +25,8 @@ except ImportError:  # Triton ships with PyTorch's Linux CUDA builds; elsewhere 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16)
+log = logging.getLogger(__name__)
+_failure = None  # the error that switched the fused kernel off for this process, if any
 
 
 # Below this much work per UNet call (its batch times the latent's height times width), sampling is bound by the CPU
@@ -44,7 +47,8 @@ def large_enough(q: torch.Tensor, transformer_options) -> bool:
 
 def usable(q: torch.Tensor) -> bool:
     """Whether the fused kernel can serve this call (the caller decides whether the host wants plain attention)."""
-    if triton is None or q.dtype not in DTYPES or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if triton is None or _failure is not None or q.dtype not in DTYPES or torch.is_grad_enabled() or \
+            torch.compiler.is_compiling():
         return False
     return q.is_cuda or (INTERPRET and q.device.type == "cpu")
 
@@ -89,6 +93,15 @@ if triton is not None:
         result = text.to(tl.float32) + image
         tl.store(y_ptr + b * sy_b + h * sy_h + t[:, None] * sy_t + d[None, :] * sy_d,
                  result.to(y_ptr.dtype.element_ty), mask=td_in)
+
+
+def switch_off(error: Exception) -> None:
+    """After the kernel failed (Triton could not compile or launch it on this machine: a missing compiler, an old
+    driver), the unfused path serves every later call of this process; sampling goes on."""
+    global _failure
+    _failure = error
+    log.warning("fused image attention switched off for this session after an error (%s: %s); the unfused path "
+                "gives the same result", type(error).__name__, error)
 
 
 def attention_add(q, text_out, k, v, factor=None, result=None):

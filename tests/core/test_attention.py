@@ -246,3 +246,24 @@ def test_compiled_patch_adds_in_the_layout_it_returns(adapter, embeds):
     assert "empty_strided" in "\n".join(code)  # the generated code is the kind this test reads
     assert heads_first_buffer not in "\n".join(code)
     torch.testing.assert_close(compiled, eager)
+
+
+def test_a_failing_fused_kernel_falls_back_to_the_unfused_result_and_stays_off(adapter, embeds, monkeypatch, caplog):
+    """Triton failing on a user's machine (no compiler, old driver) must not fail the prompt."""
+    from ipadapter_core import fused
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ptxas not found")
+    monkeypatch.setattr(fused, "attention_add", broken)
+    monkeypatch.setattr(fused, "_failure", None)
+    layer = SD15_LAYERS[2]
+    q, k, v = qkv(layer)
+    prompts = [ImagePrompt(adapter, *embeds, weight=0.7), ImagePrompt(adapter, *embeds, weight=0.3)]
+    asked = []
+    patch = DecoupledCrossAttention(layer, prompts, fuse=lambda q, o: asked.append(1) or fused._failure is None)
+    with torch.no_grad():
+        got = patch(q, k, v, options())
+        want = DecoupledCrossAttention(layer, prompts)(q, k, v, options())
+    assert asked and torch.equal(got, want)
+    assert isinstance(fused._failure, RuntimeError) and "ptxas not found" in caplog.text
+    assert not fused.usable(q.half())  # off for the rest of the session
