@@ -20,8 +20,8 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # Triton ships with PyTorch's Linux CUDA builds; elsewhere the unfused path runs
-    triton = None
+except Exception:  # Triton ships with PyTorch's Linux CUDA builds; elsewhere (or if its install is broken, which
+    triton = None  # can raise more than ImportError) the unfused path runs and the pack still loads
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16)

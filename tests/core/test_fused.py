@@ -19,3 +19,15 @@ def test_fused_kernel_matches_unfused_attention_in_triton_interpreter():
     run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "checked 16 cases" in run.stdout, run.stdout
+
+
+def test_a_broken_triton_install_leaves_the_pack_loading_without_the_fused_kernel(tmp_path):
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('broken install: libcuda.so not found')\n")
+    code = ("import ipadapter_core, torch; from ipadapter_core import fused; "
+            "assert fused.triton is None; assert not fused.usable(torch.zeros(1, 2, 8, dtype=torch.float16)); "
+            "print('loaded')")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(SCRIPT.parents[2])]))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "loaded" in run.stdout, run.stdout + run.stderr
