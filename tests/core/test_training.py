@@ -221,3 +221,31 @@ def test_examples_select_keeps_rows_in_the_order_asked():
     assert isinstance(picked, EncodedExamples) and len(picked) == 3
     assert torch.equal(picked.contexts[0], examples.contexts[4]) and torch.equal(picked.contexts[2],
                                                                                  examples.contexts[4])
+
+
+def test_training_through_a_compiled_unet_is_one_graph_and_trains_as_eager(unet):
+    """torch.compile friendliness of training (a first step towards compiling the UNet for speed): the UNet call, with
+    the patch and a new conditional image prompt in every call, is captured as one graph with no break and no
+    recompilation across steps, and gives the eager updates exactly (aot_eager: Dynamo and AOTAutograd, no codegen)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(unet, backend="aot_eager")
+    examples = fake_examples(4)
+    trainers = [make_trainer(unet, examples=examples, batch_size=2)]
+    trainers.append(AdapterTrainer(init_adapter(new_adapter_spec("sd15"), unet.text_kv(), seed=1),
+                                   lambda x, t, c, o: compiled(x, t, c, o), num_examples=len(examples),
+                                   dropped=fake_dropped(), alphas_cumprod=sd15_alphas_cumprod(), latent_scale=0.18215,
+                                   settings=TrainingSettings(batch_size=2)))
+    start = adapter_weights(trainers[0])
+    for _ in range(3):
+        for trainer in trainers:
+            trainer.train_step(examples.select)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    torch._dynamo.reset()
+    assert (graphs, breaks) == (1, 0), f"{graphs} graphs, {breaks} graph breaks"
+    eager, compiled_weights = adapter_weights(trainers[0]), adapter_weights(trainers[1])
+    assert any(not torch.equal(eager[k], start[k]) for k in eager)  # it trained
+    for name in eager:
+        torch.testing.assert_close(compiled_weights[name], eager[name], rtol=0, atol=1e-6, msg=name)
