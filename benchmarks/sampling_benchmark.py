@@ -212,6 +212,7 @@ def measure(models, args, batch):
         gc.enable()
     result, kernels = {}, {}
     plain = statistics.median(times["plain"]) if "plain" in times else None
+    plain_steps = [t for run in steps.get("plain", []) for t in run]
     for name, values in times.items():
         median = statistics.median(values)
         entry = {"median_s": round(median, 5), "min_s": round(min(values), 5), "max_s": round(max(values), 5)}
@@ -231,8 +232,7 @@ def measure(models, args, batch):
                 # time, so the machine's drift cancels better.
                 pairs = [t / p for run, plain_run in zip(steps[name], steps["plain"]) for t, p in zip(run, plain_run)]
                 entry.update(step_ratio=round(statistics.median(pairs), 4),
-                             step_ratio_of_medians=round(statistics.median(flat) / statistics.median(
-                                 [t for run in steps["plain"] for t in run]), 4))
+                             step_ratio_of_medians=round(statistics.median(flat) / statistics.median(plain_steps), 4))
         if args.device == "cuda":
             entry["syncs"] = count_syncs(models[name], args, batch)
             kernels[name], busy = count_kernels(models[name], args, batch)

@@ -3,8 +3,8 @@
     result[b, t, h*D:(h+1)*D] = text_out[b, h, t] + factor[b, t] * softmax(q[b, t, h] K_ip[row(b), h]^T / sqrt(D)) V_ip
 
 and writes it straight into the (batch, tokens, channels) layout the layer's output projection reads. Unfused, the same
-takes an attention call, an add and the host's layout copy (three kernels and two extra trips of an activation-sized
-tensor through memory); fused, it takes the one kernel that replaces the layout copy. With few image tokens (4 to 257)
+takes two kernels (an attention call writing the image term, an add reading it back); fused, one, and the image term
+never goes through memory. With few image tokens (4 to 257)
 the softmax is small, so each program holds a block of queries and walks the image tokens in blocks with an online
 softmax, as flash attention does; scores and sums stay in float32.
 

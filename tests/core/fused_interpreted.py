@@ -7,26 +7,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ipadapter_core import BY_LAYER_INDEX, SD15_LAYERS, DecoupledCrossAttention, ImagePrompt, fused  # noqa: E402
 from ipadapter_core.weights import parse_step_schedule  # noqa: E402
 from ipx_tools.random_adapters import random_adapter  # noqa: E402
+from fused_reference import reference  # noqa: E402
 
 assert fused.INTERPRET and fused.triton is not None, "run with TRITON_INTERPRET=1 and Triton installed"
 checked = 0
-
-
-def reference(q, text_out, k, v, factor):
-    """text_out + factor * softmax(q k^T / sqrt(d)) v, every latent b reading image row b // (batch // rows)."""
-    b, t, c = q.shape
-    heads, d = text_out.shape[1], text_out.shape[3]
-    q4 = q.float().reshape(b, t, heads, d).transpose(1, 2)
-    per_row = b // k.shape[0]
-    kk, vv = (x.float().repeat_interleave(per_row, 0) for x in (k, v))
-    image = torch.softmax(q4 @ kk.transpose(-1, -2) / d ** 0.5, dim=-1) @ vv
-    if factor is not None:
-        image = image * factor.float()
-    return (text_out.float() + image).transpose(1, 2).reshape(b, t, c)
 
 
 def close(name, got, want, tolerance):

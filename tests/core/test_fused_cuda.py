@@ -8,20 +8,11 @@ from ipadapter_core import SD15_LAYERS, DecoupledCrossAttention, ImagePrompt, fu
 from ipadapter_core.weights import parse_step_schedule
 from ipx_tools.random_adapters import random_adapter
 
+from .fused_reference import reference
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or fused.triton is None,
                                 reason="LOUD SKIP: needs a CUDA GPU and Triton (the fused kernel is GPU-only; its CPU "
                                        "check runs in test_fused.py)")
-
-
-def reference(q, text_out, k, v, factor):
-    b, t, c = q.shape
-    heads, d = text_out.shape[1], text_out.shape[3]
-    q4 = q.float().reshape(b, t, heads, d).transpose(1, 2)
-    kk, vv = (x.float().repeat_interleave(b // k.shape[0], 0) for x in (k, v))
-    image = torch.softmax(q4 @ kk.transpose(-1, -2) / d ** 0.5, dim=-1) @ vv
-    if factor is not None:
-        image = image * factor.float()
-    return (text_out.float() + image).transpose(1, 2).reshape(b, t, c)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
