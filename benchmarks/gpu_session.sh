@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_session.sh sampling    # plain vs adapters: paired ratios, syncs, kernels, memory (eager)
 #   bash benchmarks/gpu_session.sh compiled    # the same with torch.compile (inductor) through the host's wrapper
 #   bash benchmarks/gpu_session.sh training    # training throughput vs the official loops, base and plus
+#   bash benchmarks/gpu_session.sh training-compiled   # the same with --compile's UNet (IPX_VARIANTS="sd15 plus")
+#   bash benchmarks/gpu_session.sh calls       # one attention layer call: plain vs patched, CPU issue and GPU time
 set -euo pipefail
 OUT="${OUT:-$PWD/test-output/gpu}"
 mkdir -p "$OUT"
@@ -17,7 +19,7 @@ if command -v nvidia-smi >/dev/null; then
 fi
 EXTRA=(${IPX_BENCH_EXTRA:-})  # e.g. IPX_BENCH_EXTRA="--device cpu --quick" to try the plumbing on a CPU
 stamp="$(date -u +%Y-%m-%d)"
-case "${1:?sampling, compiled or training}" in
+case "${1:?sampling, compiled, training, training-compiled or calls}" in
   sampling)
     python benchmarks/sampling_benchmark.py --rounds 15 "${EXTRA[@]}" | tee "$OUT/sampling.log" | tail -n 1 > "$OUT/${stamp}_sampling.json" ;;
   compiled)
@@ -28,5 +30,12 @@ case "${1:?sampling, compiled or training}" in
       python benchmarks/training_benchmark.py --variant "$variant" --rounds 3 "${EXTRA[@]}" \
         | tee "$OUT/training_$variant.log" | tail -n 1 > "$OUT/${stamp}_training_$variant.json"
     done ;;
-  *) echo "unknown part: $1 (sampling, compiled or training)" >&2; exit 2 ;;
+  training-compiled)
+    for variant in ${IPX_VARIANTS:-sd15 plus}; do
+      python benchmarks/training_benchmark.py --variant "$variant" --rounds 3 --configs official ours ours-compiled \
+        "${EXTRA[@]}" | tee "$OUT/training_compiled_$variant.log" | tail -n 1 > "$OUT/${stamp}_training_compiled_$variant.json"
+    done ;;
+  calls)
+    python benchmarks/attention_call_benchmark.py "${EXTRA[@]}" | tee "$OUT/calls.log" | tail -n 1 > "$OUT/${stamp}_calls.json" ;;
+  *) echo "unknown part: $1 (sampling, compiled, training, training-compiled or calls)" >&2; exit 2 ;;
 esac

@@ -37,10 +37,18 @@ def frozen_unet(diffusion_model, dtype, device, copy_weights: bool):
     return unet.to(device, dtype).requires_grad_(False).eval()
 
 
-def unet_call(diffusion_model):
+def unet_call(diffusion_model, compile_backend: str | None = None):
     """The UNet's forward at integer DDPM timesteps (its input is the noised latent itself: ComfyUI's sigma
-    scaling x / sqrt(sigma^2 + 1) of x0 + sigma * eps is exactly sqrt(a) x0 + sqrt(1 - a) eps)."""
+    scaling x / sqrt(sigma^2 + 1) of x0 + sigma * eps is exactly sqrt(a) x0 + sqrt(1 - a) eps).
+
+    ``compile_backend`` (e.g. ``"inductor"``): the forward is compiled with torch.compile for static shapes (every
+    training micro-batch has the same shape), with the patch and the per-call image prompt inside one graph; the
+    first steps take the compilation time, and a change of grad mode (an evaluation without gradients) compiles
+    once more."""
+    forward = diffusion_model
+    if compile_backend:
+        forward = torch.compile(diffusion_model, backend=compile_backend, dynamic=False)
+
     def call(x, timesteps, context, transformer_options):
-        return diffusion_model(x, timesteps=timesteps.float(), context=context,
-                               transformer_options=transformer_options)
+        return forward(x, timesteps=timesteps.float(), context=context, transformer_options=transformer_options)
     return call

@@ -105,6 +105,22 @@ def test_encoding_every_step_trains_as_the_cached_run(models, dataset, single, t
                          load_checkpoint(live / "checkpoints" / "step-00000002"), 1e-4, steps=2)
 
 
+def test_a_compiled_unet_trains_as_the_eager_run_in_one_graph(models, dataset, single, tmp_path):
+    """--compile: the UNet's forward and backward captured by torch.compile (aot_eager here: the capture without
+    code generation, which a 2-core CI machine could not afford for inductor) in one graph, with no recompilation
+    at the second step, and the same training as the eager run."""
+    out = tmp_path / "compiled"
+    args = [*models, *dataset, *COMMON, "--output-dir", str(out), "--compile", "aot_eager"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=PACK_DIR, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, TORCH_LOGS="graph_breaks,recompiles"))
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert "compiling the UNet (torch.compile, backend aot_eager)" in proc.stderr
+    assert "Graph break" not in proc.stderr and "Recompiling" not in proc.stderr, proc.stderr[-3000:]
+    assert_same_training(load_checkpoint(single / "checkpoints" / "step-00000002"),
+                         load_checkpoint(out / "checkpoints" / "step-00000002"), 1e-4, steps=2)
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(single)), rtol=1e-5, atol=0)
+
+
 def test_checkpoints_hold_only_the_adapter_in_the_official_layout(single):
     found = list_checkpoints(single / "checkpoints")
     assert [p.name for p in found] == ["step-00000001", "step-00000002"]
