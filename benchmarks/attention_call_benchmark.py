@@ -6,8 +6,11 @@ and the GPU's time per call (what sets it when the GPU is busy).
     python benchmarks/attention_call_benchmark.py --device cpu --calls 5   # plumbing only (no fused kernel)
 
 plain     the host's optimized attention on the text keys, as the host calls it for an unpatched layer.
-unfused   this pack's patch (DecoupledCrossAttention, base adapter) with the fused kernel off.
-fused     the same patch with the fused kernel (image attention, weighting and add in one Triton kernel).
+text-direct  nodes.applying.host_text_attention: PyTorch's attention called directly on the text keys.
+unfused   this pack's patch (DecoupledCrossAttention, base adapter) with the fused kernel off, text attention through
+          the host's attention function.
+unfused-direct  the same with host_text_attention for the text attention.
+fused, fused-direct  the same two with the fused kernel (image attention, weighting and add in one Triton kernel).
 sdpa+add  only the unfused image term: PyTorch's attention on the image keys and the add.
 kernel    only the fused kernel's launch (fused.attention_add).
 
@@ -92,6 +95,11 @@ def main(argv=None):
             fused_patch = core.DecoupledCrossAttention(layer, [prompt], applying.host_attention,
                                                        image_attention=applying.host_image_attention,
                                                        fuse=lambda q_, o_: fused.usable(q_))
+            direct = core.DecoupledCrossAttention(layer, [prompt], applying.host_text_attention,
+                                                  image_attention=applying.host_image_attention)
+            direct_fused = core.DecoupledCrossAttention(layer, [prompt], applying.host_text_attention,
+                                                        image_attention=applying.host_image_attention,
+                                                        fuse=lambda q_, o_: fused.usable(q_))
             ip_k, ip_v = prompt.layer_kv(layer.layer_index, options["cond_or_uncond"], batch, device, dtype, HEADS)
             text_out = torch.randn(batch, HEADS, tokens, channels // HEADS, device=device, dtype=dtype)
             q_rows = q.reshape(ip_k.shape[0], -1, HEADS, channels // HEADS).transpose(1, 2)
@@ -103,14 +111,18 @@ def main(argv=None):
             variants = {
                 "plain": lambda: host_attention_module.optimized_attention(q, k, v, HEADS, attn_precision=None,
                                                                            transformer_options=options),
+                "text-direct": lambda: applying.host_text_attention(q, k, v, HEADS, skip_output_reshape=True,
+                                                                    transformer_options=options),
                 "unfused": lambda: unfused(q, k, v, options),
+                "unfused-direct": lambda: direct(q, k, v, options),
                 "sdpa+add": sdpa_add,
             }
-            if fused.usable(q):
-                variants["fused"] = lambda: fused_patch(q, k, v, options)
-                variants["kernel"] = lambda: fused.attention_add(q, text_out, ip_k, ip_v)
             entry = {"batch": batch, "tokens": tokens, "channels": channels}
             with torch.inference_mode():
+                if fused.usable(q):
+                    variants["fused"] = lambda: fused_patch(q, k, v, options)
+                    variants["fused-direct"] = lambda: direct_fused(q, k, v, options)
+                    variants["kernel"] = lambda: fused.attention_add(q, text_out, ip_k, ip_v)
                 for fn in variants.values():
                     timed(fn, 20, cuda)  # warm-up: compilation, caches
                 samples = {name: [] for name in variants}

@@ -33,7 +33,9 @@ VARIANT_EMBEDS = {  # encoder output shapes per reference image, and the uncond 
 CONFIGS = {"plain": [], "sd15": ["sd15"], "plus": ["plus"], "full_face": ["full_face"], "stacked": ["sd15", "plus"],
            "masked": ["sd15"], "scheduled": ["sd15"],
            # the same without the fused image-attention kernel (what runs where Triton or a CUDA GPU is missing)
-           "sd15_unfused": ["sd15"], "stacked_unfused": ["sd15", "plus"]}
+           "sd15_unfused": ["sd15"], "stacked_unfused": ["sd15", "plus"],
+           # the text attention through the host's attention function, as before host_text_attention
+           "sd15_host_text": ["sd15"]}
 EXTRA = {  # apply options per config: a mask over the left half; a start/end range plus a fading step schedule
     "masked": lambda size: {"mask": torch.cat([torch.ones(1, size, size // 2), torch.zeros(1, size, size // 2)], 2)},
     "scheduled": lambda size: {"start_at": 0.0, "end_at": 0.9, "step_weights": "0:1, 0.5:1, 1:0.2"},
@@ -106,6 +108,9 @@ def patched_models(nodes, base, adapters, configs, size):
         if name.endswith("_unfused"):
             for patch in model.model_options["transformer_options"]["patches_replace"]["attn2"].values():
                 patch.fuse = None  # this clone's own patch objects (each apply makes new ones)
+        if name.endswith("_host_text"):
+            for patch in model.model_options["transformer_options"]["patches_replace"]["attn2"].values():
+                patch.attention = applying.host_attention
         models[name] = model
     return models
 

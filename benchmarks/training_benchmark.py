@@ -284,7 +284,7 @@ def ours_trainer(glue, core, host, initial, args, dtype, fetch=None, dropped=Non
     trainer = glue.AdapterTrainer(glue.adapter_from_start(initial), call, num_examples=EXAMPLES,
                                   dropped=dropped, alphas_cumprod=alphas, latent_scale=scale,
                                   settings=glue.TrainingSettings(batch_size=args.batch), device=device,
-                                  compute_dtype=dtype, attention=glue.host_attention,
+                                  compute_dtype=dtype, attention=glue.host_text_attention,
                                   image_attention=glue.host_image_attention)
     return trainer, fetch
 

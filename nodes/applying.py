@@ -23,6 +23,23 @@ def host_attention(q, k, v, heads, attn_precision=None, skip_output_reshape=Fals
                                                             transformer_options=transformer_options)
 
 
+def host_text_attention(q, k, v, heads, attn_precision=None, skip_output_reshape=False, transformer_options=None):
+    """A patched layer's text attention. When the host would run plain PyTorch attention and nothing overrides it,
+    call PyTorch's fused attention directly: the same softmax attention, without the host's per-call wrappers (it
+    enters a backend-priority context on every call, which costs the CPU more than the attention's own launch:
+    ``benchmarks/attention_call_benchmark.py``). Otherwise (another backend, an override, a batch above the host's
+    limit for one call) the host's attention, so that other backends and overrides keep working."""
+    attention = comfy.ldm.modules.attention
+    if (transformer_options and "optimized_attention_override" in transformer_options) or \
+            attention.optimized_attention is not attention.attention_pytorch or q.shape[0] > attention.SDP_BATCH_LIMIT:
+        return host_attention(q, k, v, heads, attn_precision=attn_precision, skip_output_reshape=skip_output_reshape,
+                              transformer_options=transformer_options)
+    batch, _, channels = q.shape
+    q, k, v = (t.reshape(batch, -1, heads, channels // heads).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(batch, -1, channels)
+
+
 def host_image_attention(q, k, v, transformer_options):
     """The image attention on heads-split tensors. When the host would run plain PyTorch attention and nothing
     overrides it, call PyTorch's fused attention directly: the same math without the host's per-call wrappers (and
@@ -121,7 +138,7 @@ def apply_adapter(model, adapter: LoadedAdapter, embeds: ImageEmbeds, weight: fl
         if isinstance(current, DecoupledCrossAttention):
             patch = current.stacked(prompt, models=[adapter.patcher])
         else:
-            patch = DecoupledCrossAttention(layer, [prompt], host_attention, previous=current,
+            patch = DecoupledCrossAttention(layer, [prompt], host_text_attention, previous=current,
                                             models=[adapter.patcher], image_attention=host_image_attention,
                                             fuse=host_fuse)
         patched.set_model_attn2_replace(patch, *layer.host_key)

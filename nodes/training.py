@@ -27,7 +27,7 @@ from ..ipadapter_core.train_unet import frozen_unet, text_kv_weights, unet_call
 from ..ipadapter_core.training import (TRAINABLE_VARIANTS, AdapterTrainer, TrainingSettings, adapter_from_start,
                                        init_adapter, new_adapter_spec)
 from ..ipadapter_core.variants import IMAGE_EMBEDS, PENULTIMATE, UNCOND_ZERO_PIXELS
-from .applying import check_model, host_attention, host_image_attention
+from .applying import check_model, host_image_attention, host_text_attention
 from .encoding import check_image, encoder_widths, zero_pixels_output
 from .paths import FOLDER
 from .types import CATEGORY, AdapterSocket, LoadedAdapter
@@ -245,7 +245,7 @@ def train_adapter(model, clip, vae, clip_vision, images, captions: str, settings
             unet = frozen_unet(model.model.diffusion_model, dtype, device, copy_weights=True)
             trainer = AdapterTrainer(adapter, unet_call(unet), num_examples=count, dropped=encoders.dropped(),
                                      alphas_cumprod=alphas_cumprod, latent_scale=latent_scale, settings=settings,
-                                     device=device, compute_dtype=dtype, attention=host_attention,
+                                     device=device, compute_dtype=dtype, attention=host_text_attention,
                                      image_attention=host_image_attention,
                                      base_options=training_transformer_options(model.model_options))
             progress = comfy.utils.ProgressBar(steps)

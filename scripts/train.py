@@ -253,7 +253,7 @@ def build_trainer(args, glue, core, device, rank, world_size, group):
     trainer = training.AdapterTrainer(
         adapter, glue.unet_call(unet, args.compile), num_examples=len(dataset), dropped=dropped,
         alphas_cumprod=alphas_cumprod, latent_scale=latent_scale, settings=settings, device=device, compute_dtype=dtype,
-        attention=glue.host_attention, image_attention=glue.host_image_attention, rank=rank, world_size=world_size)
+        attention=glue.host_text_attention, image_attention=glue.host_image_attention, rank=rank, world_size=world_size)
     if resumed is not None:
         resume(args, trainer, *resumed)
     if fetch is None:

@@ -96,7 +96,7 @@ class Probe:
         alphas, scale = self.glue.schedule(self.model)
         return self.glue.AdapterTrainer(adapter, self.glue.unet_call(self.unet), num_examples=len(self.examples),
                                         dropped=self.encoders.dropped(), alphas_cumprod=alphas, latent_scale=scale,
-                                        attention=self.glue.host_attention,
+                                        attention=self.glue.host_text_attention,
                                         image_attention=self.glue.host_image_attention)
 
     def loss(self, adapter) -> float:
