@@ -408,17 +408,25 @@ def main(argv=None):
         if "official" in args.configs:
             entry, reference = run_official(models, initial, inputs, args, alphas, spec)
             rounds["official"].append(entry)
+            progress(r, "official", entry)
         if "ours-encoders" in args.configs and "vae" not in host:
             host.update(host_encoders(models))
         if last:  # the random models are needed again only by later rounds
             free(*[models.pop(k) for k in list(models)])
         for name in [c for c in args.configs if c != "official"]:
             rounds[name].append(run_ours(name, glue, core, host, spec, initial, inputs, reference, alphas, args))
+            progress(r, name, rounds[name][-1])
     report = {"comfyui": comfyui_version(path), "torch": torch.__version__, "device": args.device,
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "size": args.size,
               "batch": args.batch, "steps": args.steps, "variant": args.variant, "rounds": args.rounds, "results": summarize(rounds)}
     print_report(report)
     return report
+
+
+def progress(round_index: int, name: str, entry: dict) -> None:
+    """One line per configuration and round, as it finishes (a run cut short still shows what it measured)."""
+    print(f"round {round_index + 1} {name}: {entry['samples_per_s']:.2f} samples/s, warm-up {entry['warmup_s']} s, "
+          f"peak {entry.get('peak_gib', '-')} GiB", flush=True)
 
 
 def keep_models_on_gpu(path, device):
