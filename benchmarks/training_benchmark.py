@@ -28,7 +28,8 @@ as scripts/train.py runs it. The last line printed is one JSON object.
 Measured on an H100 (3 rounds, 512x512, batch 8, two runs; README "Training" has the table): official 35-38
 samples/s, 14.4 GiB peak (plus 14.8); ours bf16 71-75 (1.85x-2.12x), 7.8 GiB (plus 65-70, 1.72x-1.88x, 8.3 GiB);
 fixed-batch loss 1.12398 (official) vs 1.12373 (bf16) and 1.12397 (fp16). Earlier on an H200: official 49.6, ours
-bf16 97.0 (1.95x). On the CPU (fp32, 64x64) ours predicts the official plus loop's noise to 1e-6 relative.
+bf16 97.0 (1.95x). With ours-compiled (H100, one run each): base 93.7 samples/s (2.57x), plus 74.9 (2.50x).
+On the CPU (fp32, 64x64) ours predicts the official plus loop's noise to 1e-6 relative.
 """
 import argparse
 import gc

@@ -140,7 +140,7 @@ def test_a_ctrl_c_during_the_final_save_lets_the_save_finish(script, tmp_path, m
         finished.append(final)
 
     monkeypatch.setattr(script, "save", save)
-    args = types.SimpleNamespace(output_dir=str(tmp_path), steps=2, log_every=1, save_every=1000)
+    args = types.SimpleNamespace(output_dir=str(tmp_path), steps=2, log_every=1, save_every=1000, compile=None)
     try:
         done = script.train(args, CountingTrainer(), None, {"training": ipadapter_core.training}, None, rank=0)
     except KeyboardInterrupt:

@@ -135,16 +135,27 @@ def test_image_kv_cache_is_dropped_when_the_run_ends(api, host_sd15, inputs):
     assert prompt._kv == {} and prompt._tokens == {}
 
 
-def test_fast_image_attention_path_equals_the_hosts_attention(api, host_sd15, inputs, monkeypatch):
-    """Where the host runs PyTorch attention (GPUs), the image attention calls PyTorch's fused attention directly;
-    on this CPU the host runs sub-quadratic attention. Both must give the same numbers."""
+def key_tokens(k) -> int:
+    return k.shape[-2] if k.ndim == 4 else k.shape[1]
+
+
+def test_fast_attention_paths_equal_the_hosts_attention(api, host_sd15, inputs, monkeypatch):
+    """Where the host runs PyTorch attention (GPUs), the patched layers call PyTorch's fused attention directly, for
+    the image attention and for the text attention, skipping the host's per-call wrappers; on this CPU the host runs
+    sub-quadratic attention, and the patch calls it for the text. Both must give the same numbers."""
     import comfy.ldm.modules.attention as attention
     adapter = api["load"]("ip-adapter-plus_sd15.safetensors")
     embeds = api["ImageEmbeds"](torch.randn(2, 257, 1280), torch.randn(2, 257, 1280), "penultimate_hidden_states",
                                 "zero_pixels")  # two images: 32 image tokens, a count no other attention here has
     model = api["apply"](host_sd15, adapter, embeds, 1.0)
     sigma = sigma_at(host_sd15, TIMESTEP)
+    sub_quad = attention.optimized_attention
+    assert sub_quad is not attention.attention_pytorch
+    text_via_host = []
+    monkeypatch.setattr(attention, "optimized_attention",
+                        lambda q, k, v, *a, **kw: text_via_host.append(key_tokens(k)) or sub_quad(q, k, v, *a, **kw))
     hosts = predict_noise(model, inputs["noise"], sigma, inputs["cond"], inputs["uncond"])
+    assert text_via_host.count(77) == 16, "with another backend the text attention goes through the host's"
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
@@ -157,7 +168,26 @@ def test_fast_image_attention_path_equals_the_hosts_attention(api, host_sd15, in
                         lambda q, k, v, *a, **kw: through_host.append(k.shape) or host_sdpa(q, k, v, *a, **kw))
     fast = predict_noise(model, inputs["noise"], sigma, inputs["cond"], inputs["uncond"])
     assert len([shape for shape in calls if shape[-2] == 32]) == 16
-    assert [shape for shape in through_host if shape[-2] == 32] == [], "the image attention skips the host's wrappers"
-    assert len([s for s in through_host if s[-2] == 77]) == 16, "the text attention still goes through the host"
+    assert len([shape for shape in calls if shape[-2] == 77]) == 16
+    assert [shape for shape in through_host if shape[-2] in (32, 77)] == [], "both skip the host's wrappers"
+    assert through_host, "the self-attention layers (not patched) still go through the host"
     for a, b in zip(hosts, fast):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_attention_override_sees_the_patched_layers_text_attention(api, host_sd15, inputs, monkeypatch):
+    """A node's attention override (transformer_options["optimized_attention_override"]) is honoured: with it the
+    patched layers' text attention goes through the host's attention, and so through the override."""
+    import comfy.ldm.modules.attention as attention
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    embeds = api["ImageEmbeds"](torch.randn(2, 257, 1280), torch.randn(2, 257, 1280), "penultimate_hidden_states",
+                                "zero_pixels")  # 32 image tokens: no self-attention here has as many keys
+    model = api["apply"](host_sd15, api["load"]("ip-adapter-plus_sd15.safetensors"), embeds, 1.0)
+    seen = []
+
+    def override(func, q, k, v, *args, **kwargs):
+        seen.append(key_tokens(k))
+        return func(q, k, v, *args, **kwargs)
+    model.model_options["transformer_options"]["optimized_attention_override"] = override
+    predict_noise(model, inputs["noise"], sigma_at(host_sd15, TIMESTEP), inputs["cond"], inputs["uncond"])
+    assert seen.count(77) == 16 and seen.count(32) == 16, f"keys seen by the override: {sorted(set(seen))}"
