@@ -30,7 +30,7 @@ import torch
 PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.append(str(PACK_DIR))
 
-from ipx_tools.host import comfyui_version, find_comfyui, import_host  # noqa: E402
+from ipx_tools.host import comfyui_or_exit, comfyui_version, import_host  # noqa: E402
 
 # (latent tokens, channels) of SD1.5's cross-attention layers at 512x512: 64x64 latent, then 32x32, 16x16, 8x8.
 SHAPES = ((4096, 320), (1024, 640), (256, 1280), (64, 1280))
@@ -63,9 +63,7 @@ def timed(fn, calls: int, cuda: bool):
 
 def main(argv=None):
     args = parse_args(argv)
-    path, how = find_comfyui() if args.comfyui is None else (Path(args.comfyui), "--comfyui")
-    if path is None:
-        sys.exit(f"ComfyUI not found: {how}")
+    path = comfyui_or_exit(args.comfyui)
     nodes = import_host(path, cpu=args.device == "cpu")
     applying = sys.modules[nodes.NODE_CLASS_MAPPINGS["IPXApplyAdapter"].__module__]
     root = applying.__package__.rsplit(".", 1)[0]

@@ -23,7 +23,7 @@ import torch
 PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.append(str(PACK_DIR))
 
-from ipx_tools.host import comfyui_version, find_comfyui, import_host  # noqa: E402
+from ipx_tools.host import comfyui_or_exit, comfyui_version, import_host  # noqa: E402
 
 VARIANT_EMBEDS = {  # encoder output shapes per reference image, and the uncond each variant uses
     "sd15": ((1024,), "image_embeds", "zero_embeds"),
@@ -260,9 +260,7 @@ def measure(models, args, batch):
 
 def main(argv=None):
     args = parse_args(argv)
-    path, how = find_comfyui() if args.comfyui is None else (Path(args.comfyui), "--comfyui")
-    if path is None:
-        sys.exit(f"ComfyUI not found: {how}")
+    path = comfyui_or_exit(args.comfyui)
     nodes = import_host(path, cpu=args.device == "cpu")
     if "plain" not in args.configs:
         args.configs = ["plain"] + args.configs

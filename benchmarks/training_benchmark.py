@@ -45,7 +45,7 @@ from torch.nn import functional as F
 PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.append(str(PACK_DIR))
 
-from ipx_tools.host import comfyui_version, find_comfyui, import_host  # noqa: E402
+from ipx_tools.host import comfyui_or_exit, comfyui_version, import_host  # noqa: E402
 
 CONFIGS = ("official", "ours", "ours-fp16", "ours-encoders", "ours-compiled")
 EXAMPLES = 32  # distinct training examples the cached configurations cycle through
@@ -390,9 +390,7 @@ def summarize(rounds: dict) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    path, how = find_comfyui() if args.comfyui is None else (Path(args.comfyui), "--comfyui")
-    if path is None:
-        sys.exit(f"ComfyUI not found: {how}")
+    path = comfyui_or_exit(args.comfyui)
     keep_models_on_gpu(path, args.device)
     nodes = import_host(path, cpu=args.device == "cpu")
     glue = sys.modules[nodes.NODE_CLASS_MAPPINGS["IPXTrainAdapter"].__module__]

@@ -34,6 +34,19 @@ def find_comfyui():
     return None, "no ComfyUI found; tried " + ", ".join(tried) + ". Set COMFYUI_PATH to your ComfyUI folder."
 
 
+def comfyui_or_exit(given: str | None = None) -> Path:
+    """The ComfyUI folder a command line named (``--comfyui``), else the one find_comfyui finds; exits with the
+    reason when there is none."""
+    if given is not None:
+        if not _is_comfyui(Path(given)):
+            sys.exit(f"--comfyui {given}: not a ComfyUI folder (no main.py, nodes.py and comfy/ there)")
+        return Path(given).resolve()
+    path, how = find_comfyui()
+    if path is None:
+        sys.exit(f"ComfyUI not found: {how}")
+    return path
+
+
 def comfyui_version(path: Path) -> str:
     text = (Path(path) / "comfyui_version.py").read_text()
     match = re.search(r'__version__\s*=\s*"([^"]+)"', text)
