@@ -88,16 +88,14 @@ def main(argv=None):
             q = torch.randn(batch, tokens, channels, device=device, dtype=dtype)
             k, v = (torch.randn(batch, TEXT_TOKENS, channels, device=device, dtype=dtype) for _ in range(2))
             layer = layers[channels]
-            unfused = core.DecoupledCrossAttention(layer, [prompt], applying.host_attention,
-                                                   image_attention=applying.host_image_attention)
-            fused_patch = core.DecoupledCrossAttention(layer, [prompt], applying.host_attention,
-                                                       image_attention=applying.host_image_attention,
-                                                       fuse=lambda q_, o_: fused.usable(q_))
-            direct = core.DecoupledCrossAttention(layer, [prompt], applying.host_text_attention,
-                                                  image_attention=applying.host_image_attention)
-            direct_fused = core.DecoupledCrossAttention(layer, [prompt], applying.host_text_attention,
-                                                        image_attention=applying.host_image_attention,
-                                                        fuse=lambda q_, o_: fused.usable(q_))
+            fuse = lambda q_, o_: fused.usable(q_)  # noqa: E731
+            patches = {name: core.DecoupledCrossAttention(layer, [prompt], text, fuse=fuse if with_kernel else None,
+                                                          image_attention=applying.host_image_attention)
+                       for name, text, with_kernel in (
+                           ("unfused", applying.host_attention, False),
+                           ("unfused-direct", applying.host_text_attention, False),
+                           ("fused", applying.host_attention, True),
+                           ("fused-direct", applying.host_text_attention, True))}
             ip_k, ip_v = prompt.layer_kv(layer.layer_index, options["cond_or_uncond"], batch, device, dtype, HEADS)
             text_out = torch.randn(batch, HEADS, tokens, channels // HEADS, device=device, dtype=dtype)
             q_rows = q.reshape(ip_k.shape[0], -1, HEADS, channels // HEADS).transpose(1, 2)
@@ -111,15 +109,15 @@ def main(argv=None):
                                                                            transformer_options=options),
                 "text-direct": lambda: applying.host_text_attention(q, k, v, HEADS, skip_output_reshape=True,
                                                                     transformer_options=options),
-                "unfused": lambda: unfused(q, k, v, options),
-                "unfused-direct": lambda: direct(q, k, v, options),
+                **{name: (lambda patch=patch: patch(q, k, v, options)) for name, patch in patches.items()
+                   if name.startswith("unfused")},
                 "sdpa+add": sdpa_add,
             }
             entry = {"batch": batch, "tokens": tokens, "channels": channels}
             with torch.inference_mode():
                 if fused.usable(q):
-                    variants["fused"] = lambda: fused_patch(q, k, v, options)
-                    variants["fused-direct"] = lambda: direct_fused(q, k, v, options)
+                    variants.update({name: (lambda patch=patch: patch(q, k, v, options))
+                                     for name, patch in patches.items() if name.startswith("fused")})
                     variants["kernel"] = lambda: fused.attention_add(q, text_out, ip_k, ip_v)
                 for fn in variants.values():
                     timed(fn, 20, cuda)  # warm-up: compilation, caches

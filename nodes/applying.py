@@ -23,15 +23,22 @@ def host_attention(q, k, v, heads, attn_precision=None, skip_output_reshape=Fals
                                                             transformer_options=transformer_options)
 
 
-def host_text_attention(q, k, v, heads, attn_precision=None, skip_output_reshape=False, transformer_options=None):
-    """A patched layer's text attention. When the host would run plain PyTorch attention and nothing overrides it,
-    call PyTorch's fused attention directly: the same softmax attention, without the host's per-call wrappers (it
-    enters a backend-priority context on every call, which costs the CPU more than the attention's own launch:
-    ``benchmarks/attention_call_benchmark.py``). Otherwise (another backend, an override, a batch above the host's
-    limit for one call) the host's attention, so that other backends and overrides keep working."""
+def skips_host_wrappers(rows: int, transformer_options) -> bool:
+    """Whether a patched layer calls PyTorch's fused attention itself rather than the host's attention function: when
+    the host would run plain PyTorch attention, no node overrides attention and the batch is within the host's limit
+    for one call. The math is the same softmax attention, without the host's per-call wrappers: it enters an SDPA
+    backend-priority context (cuDNN first) on every call, which costs the CPU more than the attention's own launch
+    (``benchmarks/attention_call_benchmark.py``) and, with cuDNN, an extra memset kernel. Otherwise the host's
+    attention, so that other backends and overrides keep working."""
     attention = comfy.ldm.modules.attention
-    if (transformer_options and "optimized_attention_override" in transformer_options) or \
-            attention.optimized_attention is not attention.attention_pytorch or q.shape[0] > attention.SDP_BATCH_LIMIT:
+    return not (transformer_options and "optimized_attention_override" in transformer_options) and \
+        attention.optimized_attention is attention.attention_pytorch and rows <= attention.SDP_BATCH_LIMIT
+
+
+def host_text_attention(q, k, v, heads, attn_precision=None, skip_output_reshape=False, transformer_options=None):
+    """A patched layer's text attention on (batch, tokens, heads * dim_head) inputs, direct where
+    skips_host_wrappers allows it."""
+    if not skips_host_wrappers(q.shape[0], transformer_options):
         return host_attention(q, k, v, heads, attn_precision=attn_precision, skip_output_reshape=skip_output_reshape,
                               transformer_options=transformer_options)
     batch, _, channels = q.shape
@@ -41,15 +48,12 @@ def host_text_attention(q, k, v, heads, attn_precision=None, skip_output_reshape
 
 
 def host_image_attention(q, k, v, transformer_options):
-    """The image attention on heads-split tensors. When the host would run plain PyTorch attention and nothing
-    overrides it, call PyTorch's fused attention directly: the same math without the host's per-call wrappers (and
-    its forced cuDNN priority, whose kernel needs an extra memset per call), which count at 16 calls per UNet step.
-    Otherwise go through the host's attention, so that other backends and overrides keep working."""
-    attention = comfy.ldm.modules.attention
-    if "optimized_attention_override" in transformer_options or \
-            attention.optimized_attention is not attention.attention_pytorch:
-        return attention.optimized_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True,
-                                             transformer_options=transformer_options)
+    """The image attention on heads-split (rows, heads, tokens, dim_head) tensors, direct where skips_host_wrappers
+    allows it."""
+    if not skips_host_wrappers(q.shape[0], transformer_options):
+        return comfy.ldm.modules.attention.optimized_attention(q, k, v, q.shape[1], skip_reshape=True,
+                                                                skip_output_reshape=True,
+                                                                transformer_options=transformer_options)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 

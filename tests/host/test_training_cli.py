@@ -112,9 +112,10 @@ def test_a_compiled_unet_trains_as_the_eager_run_in_one_graph(models, dataset, s
     out = tmp_path / "compiled"
     args = [*models, *dataset, *COMMON, "--output-dir", str(out), "--compile", "aot_eager"]
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=PACK_DIR, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, TORCH_LOGS="graph_breaks,recompiles"))
+                          timeout=600, env=dict(os.environ, TORCH_LOGS="dynamo,graph_breaks,recompiles"))
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
     assert "compiling the UNet (torch.compile, backend aot_eager)" in proc.stderr
+    assert proc.stderr.count("torchdynamo done tracing") == 1, "exactly one graph is captured (none: not compiled)"
     assert "Graph break" not in proc.stderr and "Recompiling" not in proc.stderr, proc.stderr[-3000:]
     assert_same_training(load_checkpoint(single / "checkpoints" / "step-00000002"),
                          load_checkpoint(out / "checkpoints" / "step-00000002"), 1e-4, steps=2)
