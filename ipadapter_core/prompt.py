@@ -138,6 +138,8 @@ class ImagePrompt:
         mask = self._mask_factor(extra_options, tokens, batch, device, dtype)
         if step is None or mask is None:
             return mask if step is None else step
+        if torch.compiler.is_compiling():
+            return step * mask  # fused into the graph; the cache below is per call state (see _step_factor)
         product = self._factors.get(tokens)
         if product is None:
             product = self._factors[tokens] = step * mask
@@ -147,32 +149,48 @@ class ImagePrompt:
         sigmas = extra_options.get("sigmas")
         if sigmas is None or (self.sigma_range is None and self.schedule is None):
             return None
+        if torch.compiler.is_compiling():
+            # Traced into the compiled UNet: a few fused operations on its inputs. The per-call cache below would
+            # make torch.compile guard on this call's tensors (identity, the run's id) and recompile every run.
+            return self._compute_step(sigmas, extra_options.get("sample_sigmas"), device, dtype)
         if self._step_for is not sigmas:  # a new UNet call: the host gives each call a new sigmas tensor
-            sigma = sigmas.reshape(-1)[:1].to(device, torch.float32, non_blocking=True)
-            step = torch.ones_like(sigma)
-            if self.sigma_range is not None:
-                start, end = self.sigma_range
-                step = ((sigma <= start) & (sigma >= end)).to(torch.float32)
-            if self.schedule is not None:
-                step = step * self._schedule_weight(extra_options.get("sample_sigmas"), sigma)
-            self._step_for, self._step, self._factors = sigmas, step.to(dtype).reshape(1, 1, 1, 1), {}
+            self._step_for, self._factors = sigmas, {}
+            self._step = self._compute_step(sigmas, extra_options.get("sample_sigmas"), device, dtype)
         return self._step
+
+    def _compute_step(self, sigmas, sample_sigmas, device, dtype):
+        """The start/end gate times the schedule's weight for this call's sigma, as a (1, 1, 1, 1) tensor."""
+        sigma = sigmas.reshape(-1)[:1].to(device, torch.float32, non_blocking=True)
+        step = torch.ones_like(sigma)
+        if self.sigma_range is not None:
+            start, end = self.sigma_range
+            step = ((sigma <= start) & (sigma >= end)).to(torch.float32)
+        if self.schedule is not None:
+            step = step * self._schedule_weight(sample_sigmas, sigma)
+        return step.to(dtype).reshape(1, 1, 1, 1)
 
     def _schedule_weight(self, sample_sigmas, sigma):
         """The schedule's weight at this step: the step index is the number of the run's sigmas above this one."""
         if sample_sigmas is None:
             return schedule_table(self.schedule, 1)[0]
-        key = id(sample_sigmas)
-        entry = self._tables.get(key)
-        if entry is None or entry[0] is not sample_sigmas:
-            steps = sample_sigmas.shape[0] - 1
-            table = torch.tensor(schedule_table(self.schedule, max(steps, 1)), dtype=torch.float32)
-            entry = (sample_sigmas, sample_sigmas[:-1].to(sigma.device, torch.float32, non_blocking=True),
-                     table.to(sigma.device, non_blocking=True))
-            self._tables = {key: entry}
+        if torch.compiler.is_compiling():
+            entry = self._schedule_tensors(sample_sigmas, sigma.device)
+        else:
+            key = id(sample_sigmas)
+            entry = self._tables.get(key)
+            if entry is None or entry[0] is not sample_sigmas:
+                entry = self._schedule_tensors(sample_sigmas, sigma.device)
+                self._tables = {key: entry}
         _, above, table = entry
         index = (above > sigma).sum().clamp(max=table.shape[0] - 1)
         return table.index_select(0, index.reshape(1))  # not table[index]: that reads the index back to the host
+
+    def _schedule_tensors(self, sample_sigmas, device):
+        """(the run's sigmas, its step sigmas on ``device``, the per-step weights on ``device``)."""
+        steps = sample_sigmas.shape[0] - 1
+        table = torch.tensor(schedule_table(self.schedule, max(steps, 1)), dtype=torch.float32)
+        return (sample_sigmas, sample_sigmas[:-1].to(device, torch.float32, non_blocking=True),
+                table.to(device, non_blocking=True))
 
     def _mask_factor(self, extra_options, tokens: int, batch: int, device, dtype):
         if self.mask is None:

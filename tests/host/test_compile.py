@@ -49,9 +49,10 @@ def compiled_runs(model, host_sd15, runs: int = 2) -> dict:
         torch.randn(1, 77, 768, generator=g)
     sigmas = torch.tensor([sigma_at(host_sd15, t) for t in TIMESTEPS] + [0.0])
     outputs = []
-    for _ in range(runs):
+    for _ in range(runs):  # each run gets its own sigmas tensor, as the host's KSampler computes them per run
         with torch.inference_mode():
-            outputs.append(comfy.sample.sample_custom(compiled, noise, 7.0, comfy.samplers.ksampler("euler"), sigmas,
+            outputs.append(comfy.sample.sample_custom(compiled, noise, 7.0, comfy.samplers.ksampler("euler"),
+                                                      sigmas.clone(),
                                                       [[cond, {}]], [[uncond, {}]], torch.zeros_like(noise)))
     breaks = dict(counters["graph_break"])
     torch._dynamo.reset()
