@@ -5,7 +5,8 @@
 # 10-minute command; JSON results go to $OUT (what the device tool brings back).
 #
 #   bash benchmarks/gpu_session.sh sampling    # plain vs adapters: paired ratios, syncs, kernels, memory (eager)
-#   bash benchmarks/gpu_session.sh compiled    # the same with torch.compile (inductor) through the host's wrapper
+#   bash benchmarks/gpu_session.sh compiled    # the same with torch.compile through the host's wrapper
+#                                              # (IPX_COMPILE="inductor", "cudagraphs" or "inductor reduce-overhead")
 #   bash benchmarks/gpu_session.sh training    # training throughput vs the official loops, base and plus
 #   bash benchmarks/gpu_session.sh training-compiled   # the same with --compile's UNet (IPX_VARIANTS="sd15 plus")
 #   bash benchmarks/gpu_session.sh calls       # one attention layer call: plain vs patched, CPU issue and GPU time
@@ -23,8 +24,10 @@ case "${1:?sampling, compiled, training, training-compiled or calls}" in
   sampling)
     python benchmarks/sampling_benchmark.py --rounds 15 "${EXTRA[@]}" | tee "$OUT/sampling.log" | tail -n 1 > "$OUT/${stamp}_sampling.json" ;;
   compiled)
-    python benchmarks/sampling_benchmark.py --rounds 7 --compile --configs plain sd15 --batches 1 "${EXTRA[@]}" \
-      | tee "$OUT/compiled.log" | tail -n 1 > "$OUT/${stamp}_sampling_compiled.json" ;;
+    read -r backend mode <<< "${IPX_COMPILE:-inductor}"
+    python benchmarks/sampling_benchmark.py --rounds 7 --compile "$backend" --compile-mode "${mode:-default}" \
+      --configs plain sd15 --batches 1 "${EXTRA[@]}" | tee "$OUT/compiled_$backend$mode.log" | tail -n 1 \
+      > "$OUT/${stamp}_sampling_compiled_$backend$mode.json" ;;
   training)
     for variant in sd15 plus; do
       python benchmarks/training_benchmark.py --variant "$variant" --rounds 3 "${EXTRA[@]}" \

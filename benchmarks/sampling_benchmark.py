@@ -53,8 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--comfyui", help="ComfyUI folder (default: found as the tests find it)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every configuration's UNet (inductor) "
-                                                          "through the host's own compile wrapper")
+    p.add_argument("--compile", nargs="?", const="inductor", choices=["inductor", "cudagraphs"],
+                   help="torch.compile every configuration's UNet through the host's own compile wrapper, with one "
+                        "of the backends its TorchCompileModel node offers (default inductor)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   default="default", help="torch.compile's mode with --compile inductor (reduce-overhead: CUDA "
+                                           "graphs)")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.rounds, args.warmup, args.batches = 64, 2, 1, 0, [1]
@@ -115,13 +119,29 @@ def patched_models(nodes, base, adapters, configs, size):
     return models
 
 
-def compiled(models):
+def compiled(models, backend, mode):
+    """Clones whose UNet runs compiled. They all share one UNet module, so Dynamo keeps every configuration's graph
+    on the same code: its limit of graphs per code object is raised so that none falls back to eager."""
+    import torch._dynamo
     from comfy_api.torch_helpers import set_torch_compile_wrapper
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     result = {}
     for name, model in models.items():
         result[name] = model.clone()
-        set_torch_compile_wrapper(result[name], backend="inductor")
+        set_torch_compile_wrapper(result[name], backend=backend, mode=None if mode == "default" else mode)
     return result
+
+
+def dynamo_totals():
+    """(graphs captured, graph breaks) so far in this process, from Dynamo's counters."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def compiled_error(compiled_model, eager_model, args, batch):
+    """max |compiled - eager| / max |eager| of one run's final latent, same seed."""
+    out, ref = (sample(m, args, batch, seed=11).float() for m in (compiled_model, eager_model))
+    return round(float((out - ref).abs().max() / ref.abs().max()), 6)
 
 
 def sample(model, args, batch, seed, callback=None):
@@ -170,18 +190,23 @@ def count_syncs(model, args, batch):
 
 
 def count_kernels(model, args, batch):
-    """({kernel name: launches}, GPU busy seconds) in one run (kernels, copies and fills), from the profiler.
+    """({kernel name: launches}, GPU busy seconds, Dynamo cache-lookup seconds) in one run (kernels, copies and
+    fills), from the profiler.
 
     Busy time is the sum of the device events' durations (one stream, so they do not overlap): how long the GPU
-    itself works, apart from the launch gaps that make up the rest of a launch-bound run's wall time."""
+    itself works, apart from the launch gaps that make up the rest of a launch-bound run's wall time. The cache
+    lookup (compiled runs only) is the CPU time Dynamo spends before each compiled call choosing its graph by
+    checking guards."""
     from collections import Counter
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.compile else [])
+    with profile(activities=activities) as prof:
         sample(model, args, batch, seed=8)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.time_range.elapsed_us() for e in events) / 1e6
-    return Counter(e.name[:80] for e in events), busy
+    lookup = sum(e.time_range.elapsed_us() for e in prof.events() if e.name == "TorchDynamo Cache Lookup") / 1e6
+    return Counter(e.name[:80] for e in events), busy, lookup
 
 
 def peak_memory(model, args, batch):
@@ -192,11 +217,16 @@ def peak_memory(model, args, batch):
     return torch.cuda.max_memory_allocated()
 
 
-def measure(models, args, batch):
+def measure(models, args, batch, eager=None):
+    """Every number for one batch size. ``eager``: with compiled ``models``, the same configurations uncompiled (each
+    compiled run's output is compared with theirs)."""
     began = time.perf_counter()
+    graphs = {name: [0, 0] for name in models}  # Dynamo graphs captured and breaks, in warm-up, per configuration
     for _ in range(args.warmup):
-        for model in models.values():
+        for name, model in models.items():
+            before = dynamo_totals()
             timed(model, args, batch, seed=0)
+            graphs[name] = [g + a - b for g, a, b in zip(graphs[name], dynamo_totals(), before)]
     # Progress (a compiled warm-up can take minutes): the JSON report stays the last line.
     print(f"batch {batch}: warm-up of {len(models)} configurations took {time.perf_counter() - began:.0f} s",
           flush=True)
@@ -204,13 +234,16 @@ def measure(models, args, batch):
     steps = {name: [] for name in models}  # per round, the list of that run's step times
     order = list(models)
     rng = random.Random(0)
+    recompiled = {name: 0 for name in models}  # graphs captured during the timed rounds: recompilations
     gc.collect()
     gc.disable()  # a collection inside one timed run is noise of the size being measured
     try:
         for r in range(args.rounds):
             rng.shuffle(order)
             for name in order:
+                before = dynamo_totals()[0]
                 wall, step_times = timed(models[name], args, batch, seed=100 + r)
+                recompiled[name] += dynamo_totals()[0] - before
                 times[name].append(wall)
                 steps[name].append(step_times)
     finally:
@@ -238,11 +271,17 @@ def measure(models, args, batch):
                 pairs = [t / p for run, plain_run in zip(steps[name], steps["plain"]) for t, p in zip(run, plain_run)]
                 entry.update(step_ratio=round(statistics.median(pairs), 4),
                              step_ratio_of_medians=round(statistics.median(flat) / statistics.median(plain_steps), 4))
+        if args.compile:
+            entry.update(warmup_graphs=graphs[name][0], warmup_graph_breaks=graphs[name][1],
+                         graphs_in_rounds=recompiled[name], error_vs_eager=compiled_error(models[name], eager[name],
+                                                                                          args, batch))
         if args.device == "cuda":
             entry["syncs"] = count_syncs(models[name], args, batch)
-            kernels[name], busy = count_kernels(models[name], args, batch)
+            kernels[name], busy, lookup = count_kernels(models[name], args, batch)
             entry["kernels"] = sum(kernels[name].values())
             entry["gpu_busy_s"] = round(busy, 5)
+            if args.compile:
+                entry["cache_lookup_ms_per_step"] = round(1000 * lookup / args.steps, 3)
             entry["peak_bytes"] = peak_memory(models[name], args, batch)
         result[name] = entry
     if "plain" in result and args.device == "cuda":
@@ -267,15 +306,15 @@ def main(argv=None):
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
         base = build_sd15(args.device)
         adapters = build_adapters(nodes, folder)
-        models = patched_models(nodes, base, adapters, args.configs, args.size)
-        if args.compile:
-            models = compiled(models)
+        eager = patched_models(nodes, base, adapters, args.configs, args.size)
+        models = compiled(eager, args.compile, args.compile_mode) if args.compile else eager
         report = {"comfyui": comfyui_version(path), "torch": torch.__version__, "device": args.device,
                   "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "size": args.size,
                   "steps": args.steps, "sampler": "euler", "cfg": 7.0, "rounds": args.rounds,
-                  "compiled": args.compile, "results": {}}
+                  "compiled": args.compile, "compile_mode": args.compile_mode if args.compile else None,
+                  "results": {}}
         for batch in args.batches:
-            report["results"][f"batch{batch}"] = measure(models, args, batch)
+            report["results"][f"batch{batch}"] = measure(models, args, batch, eager)
             print(f"batch {batch}: {json.dumps(report['results'][f'batch{batch}'])}", flush=True)
     print(f"{'config':<12}{'batch':>6}{'median s':>10}{'ratio':>8}{'min ratio':>10}{'+syncs':>8}{'+kern/step':>11}"
           f"{'+MiB':>9}{'GPU busy':>9}{'step ms':>9}{'step ratio':>11}")
@@ -286,6 +325,12 @@ def main(argv=None):
                   f"{e.get('added_syncs', '-'):>8}{e.get('added_kernels_per_step', '-'):>11}"
                   f"{e.get('added_peak_mib', '-'):>9}{e.get('gpu_busy_ratio', '-'):>9}"
                   f"{e.get('step_median_ms', '-'):>9}{e.get('step_ratio', '-'):>11}")
+    if args.compile:
+        for key, results in report["results"].items():
+            for name, e in results.items():
+                print(f"{name:<12}{key[5:]:>6}  compiled: {e['warmup_graphs']} graphs, {e['warmup_graph_breaks']} "
+                      f"breaks in warm-up, {e['graphs_in_rounds']} graphs in the timed rounds, output vs eager "
+                      f"{e['error_vs_eager']}, guard checks {e.get('cache_lookup_ms_per_step', '-')} ms/step")
     print(json.dumps(report))
     return report
 

@@ -112,6 +112,19 @@ class DecoupledCrossAttention:
         return self.attention(q.reshape(ip_k.shape[0], -1, channels), ip_k, ip_v, heads, attn_precision=precision,
                               skip_output_reshape=True, transformer_options=extra_options)
 
+    def prepare(self, cond_or_uncond, latent_shape, device, dtype, heads):
+        """Before a UNet call (the host's apply_model, outside a compiled UNet): compute and keep what this layer's
+        call will read from the prompts' caches, the image keys and values and the masks. The call itself then
+        only looks them up, so torch.compile captures one graph for every step of a run (not one more for the
+        first step, which would compute them) and CUDA graphs never own them. Keys that do not match the call
+        (another dtype, say) only mean the call computes its own, as without this."""
+        batch = latent_shape[0]
+        kv_heads = heads if self.image_attention is not None or self.fuse is not None else None
+        for prompt in self.prompts:
+            if prompt.cache:
+                prompt.layer_kv(self.layer.layer_index, cond_or_uncond, batch, device, dtype, kv_heads)
+                prompt.prepare_masks(cond_or_uncond, latent_shape, device, dtype)
+
     def stacked(self, prompt: ImagePrompt, models=()):
         """A new patch with one more image prompt; this one is left as it is."""
         return DecoupledCrossAttention(self.layer, self.prompts + (prompt,), self.attention, self.previous,

@@ -192,6 +192,16 @@ class ImagePrompt:
         return (sample_sigmas, sample_sigmas[:-1].to(device, torch.float32, non_blocking=True),
                 table.to(device, non_blocking=True))
 
+    def prepare_masks(self, cond_or_uncond, latent_shape, device, dtype):
+        """The mask resized for each of the UNet's attention resolutions (the latent's, halved up to three times),
+        as the calls of one UNet call on a latent of ``latent_shape`` will read them."""
+        if self.mask is None or len(latent_shape) != 4:
+            return
+        options = {"cond_or_uncond": cond_or_uncond, "original_shape": tuple(latent_shape)}
+        h, w = latent_shape[-2:]
+        for factor in (1, 2, 4, 8):
+            self._mask_factor(options, -(-h // factor) * -(-w // factor), latent_shape[0], device, dtype)
+
     def _mask_factor(self, extra_options, tokens: int, batch: int, device, dtype):
         if self.mask is None:
             return None

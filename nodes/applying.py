@@ -100,6 +100,26 @@ def clear_caches_after_run(executor, *args, **kwargs):
                 patch.clear_cache()
 
 
+def prepare_unet_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                      **kwargs):
+    """APPLY_MODEL wrapper: before each UNet call, the patched layers fill their caches (image keys and values,
+    resized masks) for this call's cond/uncond order, latent shape, device and dtype, outside the UNet, so that a
+    compiled UNet only reads them (DecoupledCrossAttention.prepare). Each later call of a run finds them there."""
+    options = transformer_options or {}
+    patches = [p for p in options.get("patches_replace", {}).get("attn2", {}).values()
+               if isinstance(p, DecoupledCrossAttention)]
+    unet = getattr(executor.class_obj, "diffusion_model", None)  # (or the compiled module around it)
+    if patches and hasattr(unet, "num_heads"):  # the host's UNetModel (SD1.5): heads per layer below
+        model = executor.class_obj
+        dtype = model.manual_cast_dtype or model.get_dtype()
+        cond_or_uncond = options.get("cond_or_uncond") or [0]
+        for patch in patches:
+            per_head = getattr(unet, "num_head_channels", -1)
+            heads = unet.num_heads if per_head == -1 else patch.layer.channels // per_head
+            patch.prepare(cond_or_uncond, x.shape, x.device, dtype, heads)
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
 def check_mask(mask):
     """A host MASK ((H, W) or (B, H, W), values 0..1) as (B, H, W); a clear error for anything else."""
     if mask is None:
@@ -146,11 +166,11 @@ def apply_adapter(model, adapter: LoadedAdapter, embeds: ImageEmbeds, weight: fl
                                             models=[adapter.patcher], image_attention=host_image_attention,
                                             fuse=host_fuse)
         patched.set_model_attn2_replace(patch, *layer.host_key)
-    wrappers = comfy.patcher_extension.get_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
-                                                             WRAPPER_KEY, patched.model_options, is_model_options=True)
-    if not wrappers:
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                                     clear_caches_after_run)
+    for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, clear_caches_after_run),
+                          (comfy.patcher_extension.WrappersMP.APPLY_MODEL, prepare_unet_call)):
+        if not comfy.patcher_extension.get_wrappers_with_key(kind, WRAPPER_KEY, patched.model_options,
+                                                             is_model_options=True):
+            patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
     return patched
 
 
