@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--profile-cpu", action="store_true", help="also print, per configuration, where one run spends "
+                                                                  "the CPU: PyTorch's profiler and Python's cProfile")
     p.add_argument("--comfyui", help="ComfyUI folder (default: found as the tests find it)")
     p.add_argument("--compile", nargs="?", const="inductor", choices=["inductor", "cudagraphs"],
                    help="torch.compile every configuration's UNet through the host's own compile wrapper, with one "
@@ -156,10 +158,12 @@ def sample(model, args, batch, seed, callback=None):
 
 
 def timed(model, args, batch, seed):
-    """(wall seconds of one run, [seconds from each step's end to the next's]). The steps are timed on the GPU's own
-    clock by events recorded from the sampler's step callback (no synchronisation is added): a step's time there
-    includes the gaps in which the GPU waited for the CPU's launches, as the run's wall time does, without the
-    run's fixed costs (model loading, conditioning), which are the same for every configuration."""
+    """(wall seconds of one run, [seconds from each step's end to the next's], CPU seconds of this thread). The steps
+    are timed on the GPU's own clock by events recorded from the sampler's step callback (no synchronisation is
+    added): a step's time there includes the gaps in which the GPU waited for the CPU's launches, as the run's wall
+    time does, without the run's fixed costs (model loading, conditioning), which are the same for every
+    configuration. The thread's CPU time is the work of issuing the run (launch-bound, it sets the pace), without
+    the time the thread waited for a CPU that other processes were using."""
     cuda = args.device == "cuda"
     events = []
 
@@ -169,12 +173,12 @@ def timed(model, args, batch, seed):
             events[-1].record()
     if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.thread_time()
     sample(model, args, batch, seed, callback=step_done)
     if cuda:
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    return wall, [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:])]
+    wall, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+    return wall, [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:])], cpu
 
 
 def count_syncs(model, args, batch):
@@ -209,6 +213,26 @@ def count_kernels(model, args, batch):
     return Counter(e.name[:80] for e in events), busy, lookup
 
 
+def print_cpu_profile(name, model, args, batch, rows=14):
+    """The CPU side of one run: PyTorch operators and record_function regions by self CPU time, then the Python
+    functions by own time (a launch-bound run's time is spent here)."""
+    import cProfile
+    import io
+    import pstats
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sample(model, args, batch, seed=12)
+    print(f"--- {name}, batch {batch}: CPU profile of one run\n"
+          f"{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=rows, max_name_column_width=70)}")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    sample(model, args, batch, seed=12)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    print(text.getvalue()[text.getvalue().find("ncalls"):], flush=True)
+
+
 def peak_memory(model, args, batch):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -232,6 +256,7 @@ def measure(models, args, batch, eager=None):
           flush=True)
     times = {name: [] for name in models}
     steps = {name: [] for name in models}  # per round, the list of that run's step times
+    cpu = {name: [] for name in models}  # per round, the thread's CPU seconds
     order = list(models)
     rng = random.Random(0)
     recompiled = {name: 0 for name in models}  # graphs captured during the timed rounds: recompilations
@@ -242,9 +267,10 @@ def measure(models, args, batch, eager=None):
             rng.shuffle(order)
             for name in order:
                 before = dynamo_totals()[0]
-                wall, step_times = timed(models[name], args, batch, seed=100 + r)
+                wall, step_times, cpu_s = timed(models[name], args, batch, seed=100 + r)
                 recompiled[name] += dynamo_totals()[0] - before
                 times[name].append(wall)
+                cpu[name].append(cpu_s)
                 steps[name].append(step_times)
     finally:
         gc.enable()
@@ -259,7 +285,9 @@ def measure(models, args, batch, eager=None):
             # ratios, and the ratio of the medians and of the fastest runs for comparison.
             paired = [t / p for t, p in zip(values, times["plain"])]
             entry.update(ratio=round(statistics.median(paired), 4), ratio_of_medians=round(median / plain, 4),
-                         ratio_of_minimums=round(min(values) / min(times["plain"]), 4))
+                         ratio_of_minimums=round(min(values) / min(times["plain"]), 4),
+                         cpu_median_s=round(statistics.median(cpu[name]), 5),
+                         cpu_ratio=round(statistics.median(c / p for c, p in zip(cpu[name], cpu["plain"])), 4))
         flat = [t for run in steps[name] for t in run]
         if flat:
             quartiles = statistics.quantiles(flat, n=4)
@@ -275,6 +303,8 @@ def measure(models, args, batch, eager=None):
             entry.update(warmup_graphs=graphs[name][0], warmup_graph_breaks=graphs[name][1],
                          graphs_in_rounds=recompiled[name], error_vs_eager=compiled_error(models[name], eager[name],
                                                                                           args, batch))
+        if args.profile_cpu:
+            print_cpu_profile(name, models[name], args, batch)
         if args.device == "cuda":
             entry["syncs"] = count_syncs(models[name], args, batch)
             kernels[name], busy, lookup = count_kernels(models[name], args, batch)
@@ -300,7 +330,7 @@ def measure(models, args, batch, eager=None):
 def main(argv=None):
     args = parse_args(argv)
     path = comfyui_or_exit(args.comfyui)
-    nodes = import_host(path, cpu=args.device == "cpu")
+    nodes = import_host(path, cpu=args.device == "cpu", pytorch_attention=bool(args.compile))
     if "plain" not in args.configs:
         args.configs = ["plain"] + args.configs
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
@@ -317,14 +347,14 @@ def main(argv=None):
             report["results"][f"batch{batch}"] = measure(models, args, batch, eager)
             print(f"batch {batch}: {json.dumps(report['results'][f'batch{batch}'])}", flush=True)
     print(f"{'config':<12}{'batch':>6}{'median s':>10}{'ratio':>8}{'min ratio':>10}{'+syncs':>8}{'+kern/step':>11}"
-          f"{'+MiB':>9}{'GPU busy':>9}{'step ms':>9}{'step ratio':>11}")
+          f"{'+MiB':>9}{'GPU busy':>9}{'step ms':>9}{'step ratio':>11}{'CPU ratio':>10}")
     for key, results in report["results"].items():
         for name, e in results.items():
             print(f"{name:<12}{key[5:]:>6}{e['median_s']:>10.4f}{e.get('ratio', 0):>8.3f}"
                   f"{e.get('ratio_of_minimums', 0):>10.3f}"
                   f"{e.get('added_syncs', '-'):>8}{e.get('added_kernels_per_step', '-'):>11}"
                   f"{e.get('added_peak_mib', '-'):>9}{e.get('gpu_busy_ratio', '-'):>9}"
-                  f"{e.get('step_median_ms', '-'):>9}{e.get('step_ratio', '-'):>11}")
+                  f"{e.get('step_median_ms', '-'):>9}{e.get('step_ratio', '-'):>11}{e.get('cpu_ratio', '-'):>10}")
     if args.compile:
         for key, results in report["results"].items():
             for name, e in results.items():

@@ -29,6 +29,18 @@ def scale_kv(ip_k, ip_v, weight: float, scaling: str):
     return ip_k * weight, ip_v * weight
 
 
+def mark_static(tensors):
+    """Tell torch.compile that these tensors' sizes are fixed: an adapter with another number of image tokens (plus
+    after base, or more reference images) on the same compiled UNet then gets a graph of its own. Otherwise Dynamo
+    makes the token count a symbolic size in one graph for both (automatic dynamic shapes), whose generated code costs
+    the CPU far more per step. Only for tensors made outside a compiled region (the keys and values computed before
+    each UNet call: see DecoupledCrossAttention.prepare)."""
+    if torch.compiler.is_compiling():
+        return
+    for tensor in tensors:
+        torch._dynamo.mark_static(tensor)
+
+
 def layer_grid(extra_options, tokens: int):
     """(h, w) of the layer's token grid, from the activation shape the host reports (or the latent's shape)."""
     shape = extra_options.get("activations_shape") or extra_options.get("original_shape")
@@ -126,6 +138,7 @@ class ImagePrompt:
                 kv = tuple(t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in kv)
             if self.cache:
                 self._kv[key] = kv
+                mark_static(kv)
         if self.per_latent and kv[0].shape[0] != batch:
             raise ValueError(f"per-latent image prompts: {self.cond_embeds.shape[0]} reference rows for "
                              f"{batch // len(cond_or_uncond)} latents per chunk; they must be equal")

@@ -63,14 +63,18 @@ def _run_coroutine(coroutine):
     return result.get("value")
 
 
-def import_host(path: Path, cpu: bool = True):
-    """Import the host in this process (no server). Returns its ``nodes`` module, with this pack loaded."""
+def import_host(path: Path, cpu: bool = True, pytorch_attention: bool = False):
+    """Import the host in this process (no server). Returns its ``nodes`` module, with this pack loaded.
+    ``pytorch_attention``: the host's PyTorch attention even on the CPU (where it would pick split attention, which
+    asks the OS for free memory in every call: torch.compile cannot capture that in one graph)."""
     path = str(path)
     if path not in sys.path:
         sys.path.insert(0, path)
     from comfy.cli_args import args
     if cpu:
         args.cpu = True
+    if pytorch_attention:
+        args.use_pytorch_cross_attention = True
     import utils.extra_config  # noqa: F401  (must come before nodes, which puts comfy/ first on sys.path)
     import nodes
     if "IPXApplyAdapter" not in nodes.NODE_CLASS_MAPPINGS:
