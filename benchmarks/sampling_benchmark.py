@@ -35,7 +35,9 @@ CONFIGS = {"plain": [], "sd15": ["sd15"], "plus": ["plus"], "full_face": ["full_
            # the same without the fused image-attention kernel (what runs where Triton or a CUDA GPU is missing)
            "sd15_unfused": ["sd15"], "stacked_unfused": ["sd15", "plus"],
            # the text attention through the host's attention function, as before host_text_attention
-           "sd15_host_text": ["sd15"]}
+           "sd15_host_text": ["sd15"],
+           # the fused image-attention kernel at every size (by default only above fused.MIN_WORK)
+           "sd15_fused": ["sd15"], "plus_fused": ["plus"]}
 EXTRA = {  # apply options per config: a mask over the left half; a start/end range plus a fading step schedule
     "masked": lambda size: {"mask": torch.cat([torch.ones(1, size, size // 2), torch.zeros(1, size, size // 2)], 2)},
     "scheduled": lambda size: {"start_at": 0.0, "end_at": 0.9, "step_weights": "0:1, 0.5:1, 1:0.2"},
@@ -114,6 +116,10 @@ def patched_models(nodes, base, adapters, configs, size):
         if name.endswith("_unfused"):
             for patch in model.model_options["transformer_options"]["patches_replace"]["attn2"].values():
                 patch.fuse = None  # this clone's own patch objects (each apply makes new ones)
+        if name.endswith("_fused"):
+            for patch in model.model_options["transformer_options"]["patches_replace"]["attn2"].values():
+                patch.fuse = lambda q, options: "optimized_attention_override" not in options and \
+                    applying.fused.usable(q)
         if name.endswith("_host_text"):
             for patch in model.model_options["transformer_options"]["patches_replace"]["attn2"].values():
                 patch.attention = applying.host_attention
@@ -241,6 +247,15 @@ def peak_memory(model, args, batch):
     return torch.cuda.max_memory_allocated()
 
 
+def bootstrap_ci(per_round, resamples=2000):
+    """95% interval of the median step ratio, resampling whole rounds (steps of one run are not independent: the
+    machine's speed drifts between runs)."""
+    rng = random.Random(1)
+    medians = sorted(statistics.median([r for run in rng.choices(per_round, k=len(per_round)) for r in run])
+                     for _ in range(resamples))
+    return [round(medians[int(0.025 * resamples)], 4), round(medians[int(0.975 * resamples) - 1], 4)]
+
+
 def measure(models, args, batch, eager=None):
     """Every number for one batch size. ``eager``: with compiled ``models``, the same configurations uncompiled (each
     compiled run's output is compared with theirs)."""
@@ -296,9 +311,12 @@ def measure(models, args, batch, eager=None):
             if plain:
                 # The same step of the same round, ours over plain: many more pairs than runs, and much closer in
                 # time, so the machine's drift cancels better.
-                pairs = [t / p for run, plain_run in zip(steps[name], steps["plain"]) for t, p in zip(run, plain_run)]
+                per_round = [[t / p for t, p in zip(run, plain_run)]
+                             for run, plain_run in zip(steps[name], steps["plain"])]
+                pairs = [r for run in per_round for r in run]
                 entry.update(step_ratio=round(statistics.median(pairs), 4),
-                             step_ratio_of_medians=round(statistics.median(flat) / statistics.median(plain_steps), 4))
+                             step_ratio_of_medians=round(statistics.median(flat) / statistics.median(plain_steps), 4),
+                             step_ratio_ci95=bootstrap_ci(per_round))
         if args.compile:
             entry.update(warmup_graphs=graphs[name][0], warmup_graph_breaks=graphs[name][1],
                          graphs_in_rounds=recompiled[name], error_vs_eager=compiled_error(models[name], eager[name],
@@ -347,14 +365,15 @@ def main(argv=None):
             report["results"][f"batch{batch}"] = measure(models, args, batch, eager)
             print(f"batch {batch}: {json.dumps(report['results'][f'batch{batch}'])}", flush=True)
     print(f"{'config':<12}{'batch':>6}{'median s':>10}{'ratio':>8}{'min ratio':>10}{'+syncs':>8}{'+kern/step':>11}"
-          f"{'+MiB':>9}{'GPU busy':>9}{'step ms':>9}{'step ratio':>11}{'CPU ratio':>10}")
+          f"{'+MiB':>9}{'GPU busy':>9}{'step ms':>9}{'step ratio':>11}{'95% interval':>16}{'CPU ratio':>10}")
     for key, results in report["results"].items():
         for name, e in results.items():
             print(f"{name:<12}{key[5:]:>6}{e['median_s']:>10.4f}{e.get('ratio', 0):>8.3f}"
                   f"{e.get('ratio_of_minimums', 0):>10.3f}"
                   f"{e.get('added_syncs', '-'):>8}{e.get('added_kernels_per_step', '-'):>11}"
                   f"{e.get('added_peak_mib', '-'):>9}{e.get('gpu_busy_ratio', '-'):>9}"
-                  f"{e.get('step_median_ms', '-'):>9}{e.get('step_ratio', '-'):>11}{e.get('cpu_ratio', '-'):>10}")
+                  f"{e.get('step_median_ms', '-'):>9}{e.get('step_ratio', '-'):>11}"
+                  f"{'-'.join(map(str, e.get('step_ratio_ci95', ['-']))):>16}{e.get('cpu_ratio', '-'):>10}")
     if args.compile:
         for key, results in report["results"].items():
             for name, e in results.items():
